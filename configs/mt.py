@@ -1,0 +1,101 @@
+"""Default config: a Transformer translating German to English on Multi30k.
+
+`python -m transformer_jax.main --config=configs/mt.py` uses `get_config()`;
+`--config=configs/mt.py:tiny` gives a model that trains in seconds (tests, smoke runs).
+Every field can be overridden on the command line: `--config.num_train_steps=100`.
+"""
+import os
+
+import ml_collections
+
+# Environment variable naming the folder with the raw Multi30k files
+# (train.de.gz, val.en.gz, ...). Empty: download them (needs internet).
+DATA_DIR_ENV = 'TRANSFORMER_JAX_DATA_DIR'
+
+
+def get_config(variant: str = '') -> ml_collections.ConfigDict:
+  """Returns the config; `variant` is '' (default) or 'tiny'."""
+  c = ml_collections.ConfigDict()
+
+  # --- Data ---------------------------------------------------------------
+  # 'multi30k' (our TFDS builder, reads `data_dir`), any TFDS translation
+  # dataset by name (e.g. 'wmt14_translate/de-en'), or 'text' (a user's own
+  # files `{data_dir}/{split}.{lang}[.gz]`, one sentence per line).
+  c.dataset_name = 'multi30k'
+  c.data_dir = os.environ.get(DATA_DIR_ENV, '')
+  c.tfds_data_dir = ''        # Where TFDS keeps prepared data; '' = {workdir}/tfds.
+  c.source_lang = 'de'
+  c.target_lang = 'en'
+  c.train_split = 'train'
+  c.eval_split = 'validation'
+  c.max_source_length = 64    # Tokens, EOS included.
+  c.max_target_length = 64
+  c.truncate = False          # Over-long pairs: True truncates, False drops them.
+  c.max_tokens_per_batch = 4096  # Global batch size in tokens (padded, per side).
+  c.length_bucket_step = 1.25    # Bucket boundaries grow by this factor.
+  c.shuffle_buffer_size = 32768  # Pairs; >= corpus size gives a full shuffle.
+
+  # --- Tokenizer (SentencePiece, joint source+target) ---------------------
+  c.vocab_size = 8000
+  c.spm_model_type = 'unigram'   # 'unigram' or 'bpe'.
+  c.spm_max_sentences = 1_000_000  # Training sentences sampled for the model.
+  c.spm_character_coverage = 1.0
+
+  # --- Model (Vaswani et al. 2017, pre-LayerNorm) -------------------------
+  c.d_model = 256
+  c.num_heads = 4
+  c.d_ff = 1024
+  c.num_encoder_layers = 3
+  c.num_decoder_layers = 3
+  c.dropout_rate = 0.1
+  c.attention_dropout_rate = 0.1
+  c.share_embeddings = True   # One table for encoder, decoder and logits.
+  c.dtype = 'float32'         # Compute dtype: 'float32' or 'bfloat16'.
+  c.param_dtype = 'float32'
+
+  # --- Loss ---------------------------------------------------------------
+  # 'cross_entropy' or a user's JAX function by import path ('my_pkg.losses:focal')
+  # with signature (logits [B,T,V], targets [B,T], weights [B,T]) -> (loss, metrics).
+  c.loss = 'cross_entropy'
+  c.label_smoothing = 0.1
+
+  # --- Optimizer: AdamW with warmup then decay ----------------------------
+  c.learning_rate = 1e-3      # Peak, reached after warmup_steps.
+  c.warmup_steps = 1000
+  c.schedule = 'rsqrt'        # 'rsqrt', 'cosine' or 'constant' after warmup.
+  c.adam_b1 = 0.9
+  c.adam_b2 = 0.98
+  c.adam_eps = 1e-9
+  c.weight_decay = 1e-4       # Not applied to biases, LayerNorm, embeddings.
+  c.max_grad_norm = 1.0       # Global-norm clipping; 0 turns it off.
+
+  # --- Training loop ------------------------------------------------------
+  c.seed = 0
+  c.num_train_steps = 20_000
+  c.eval_every_steps = 500
+  c.num_eval_batches = -1     # -1: the whole eval split.
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3      # The last k are kept.
+  c.log_every_steps = 50      # Progress bar / TensorBoard train metrics.
+
+  if variant == 'tiny':
+    c.vocab_size = 500
+    c.spm_max_sentences = 20_000
+    c.d_model = 32
+    c.num_heads = 2
+    c.d_ff = 64
+    c.num_encoder_layers = 1
+    c.num_decoder_layers = 1
+    c.max_source_length = 32
+    c.max_target_length = 32
+    c.length_bucket_step = 2.0  # Buckets 8, 16, 32: three compiled shapes.
+    c.max_tokens_per_batch = 512
+    c.num_train_steps = 40
+    c.warmup_steps = 10
+    c.eval_every_steps = 20
+    c.num_eval_batches = 4
+    c.checkpoint_every_steps = 20
+    c.log_every_steps = 10
+  elif variant:
+    raise ValueError(f"configs/mt.py: unknown variant {variant!r}; use '' or 'tiny'")
+  return c

@@ -1,0 +1,53 @@
+"""Shared fixtures: the real Multi30k files and small configs built from them."""
+import gzip
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # `configs` is imported as a package in tests.
+
+from configs import mt  # pylint: disable=g-import-not-at-top
+
+
+def multi30k_dir() -> str:
+  """$TRANSFORMER_JAX_DATA_DIR, else ../shared/data/multi30k beside the checkout."""
+  return os.environ.get(mt.DATA_DIR_ENV) or os.path.join(REPO, '..', 'shared', 'data',
+                                                         'multi30k')
+
+
+@pytest.fixture(scope='session')
+def data_dir() -> str:
+  path = multi30k_dir()
+  if not os.path.exists(os.path.join(path, 'train.de.gz')):
+    pytest.fail(f'Multi30k not found in {path}; set {mt.DATA_DIR_ENV}')
+  return path
+
+
+def head(path: str, n: int) -> list[str]:
+  with gzip.open(path, 'rt', encoding='utf-8') as f:
+    return [next(f).rstrip('\n') for _ in range(n)]
+
+
+@pytest.fixture(scope='session')
+def small_text_dir(data_dir, tmp_path_factory) -> str:
+  """A 'text' dataset: train = first 256 Multi30k train pairs, val = first 64 val pairs."""
+  out = tmp_path_factory.mktemp('text')
+  for split, prefix, n in (('train', 'train', 256), ('val', 'val', 64)):
+    for lang in ('de', 'en'):
+      lines = head(os.path.join(data_dir, f'{prefix}.{lang}.gz'), n)
+      (out / f'{split}.{lang}').write_text('\n'.join(lines) + '\n', encoding='utf-8')
+  return str(out)
+
+
+def tiny_config(text_dir: str, **overrides):
+  """configs/mt.py:tiny on a 'text' dataset, with overrides."""
+  config = mt.get_config('tiny')
+  config.dataset_name = 'text'
+  config.data_dir = text_dir
+  config.eval_split = 'val'
+  config.vocab_size = 300
+  for key, value in overrides.items():
+    config[key] = value
+  return config

@@ -1,0 +1,1 @@
+"""JAX/Flax neural machine translation toolkit."""

@@ -1,0 +1,176 @@
+"""Input pipeline: raw sentence pairs -> SentencePiece ids -> length-bucketed batches.
+
+Sources (`config.dataset_name`):
+  'multi30k'  Multi30k task 1 through our TFDS builder (`transformer_jax.multi30k`),
+              reading the raw files in `config.data_dir` (downloaded when it is empty).
+  'text'      a user's own files `{data_dir}/{split}.{lang}` (or `.gz`), one sentence
+              per line, line i of the source translating line i of the target.
+  other       any TFDS translation dataset by name, e.g. 'wmt14_translate/de-en',
+              whose examples are dicts keyed by language code.
+
+Batches are dicts {'inputs': int32 [B, L], 'targets': int32 [B, L]}, EOS-terminated,
+0-padded. Training batches hold about `max_tokens_per_batch` padded tokens per side:
+pairs are grouped into buckets by length and every bucket has one fixed shape, so the
+train step compiles once per bucket, not once per batch. The pipeline is deterministic
+for a given seed, and `skip` resumes it at any step.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from transformer_jax import multi30k
+from transformer_jax.config_schema import ConfigError
+from transformer_jax.tokenizer import EOS_ID
+
+_BUCKET_QUANTUM = 8  # Bucket lengths are multiples of this many tokens.
+
+
+def tfds_dir(config, workdir: str) -> str:
+  """Folder where TFDS keeps prepared data: `config.tfds_data_dir` or {workdir}/tfds."""
+  return config.tfds_data_dir or os.path.join(workdir, 'tfds')
+
+
+def load_pairs(config, split: str, workdir: str) -> tuple[list[str], list[str]]:
+  """Reads one split as two aligned lists of raw sentences (source, target).
+
+  Raises:
+    multi30k.DataError: a missing file, invalid UTF-8 or differing line counts, naming
+      the file and line.
+    ConfigError: an unsupported language pair for Multi30k.
+  """
+  src, tgt = config.source_lang, config.target_lang
+  if config.dataset_name == 'text':
+    pairs = list(multi30k.read_parallel(multi30k.find_file(config.data_dir, split, src),
+                                        multi30k.find_file(config.data_dir, split, tgt)))
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+  if config.dataset_name == 'multi30k':
+    other = {src, tgt} - {'en'}
+    if len(other) != 1 or not other <= set(multi30k.LANGUAGES):
+      raise ConfigError(f'config.source_lang={src!r}, config.target_lang={tgt!r}: Multi30k '
+                       f'pairs English with one of {multi30k.LANGUAGES}')
+    ds = multi30k.load_split(config.data_dir, f'{other.pop()}-en', split,
+                             tfds_dir(config, workdir))
+  else:
+    ds = tfds.load(config.dataset_name, split=split, data_dir=tfds_dir(config, workdir),
+                   download=True)
+  sources, targets = [], []
+  for examples in ds.batch(4096).as_numpy_iterator():
+    sources.extend(s.decode('utf-8') for s in examples[src])
+    targets.extend(t.decode('utf-8') for t in examples[tgt])
+  return sources, targets
+
+
+def encode(sp, sentences: list[str], max_length: int, truncate: bool) -> list[np.ndarray]:
+  """SentencePiece ids + EOS per sentence, int32 [<= max_length] each.
+
+  Over-long sentences are cut to `max_length` (ending in EOS) when `truncate`, else
+  returned whole (the caller drops them).
+  """
+  encoded = []
+  for ids in sp.encode(sentences):
+    if truncate and len(ids) >= max_length:
+      ids = ids[:max_length - 1]
+    encoded.append(np.asarray(ids + [EOS_ID], dtype=np.int32))
+  return encoded
+
+
+def tokenize_pairs(sp, sources: list[str], targets: list[str], config
+                   ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+  """Encodes both sides and drops (or, with `config.truncate`, cuts) over-long pairs."""
+  src = encode(sp, sources, config.max_source_length, config.truncate)
+  tgt = encode(sp, targets, config.max_target_length, config.truncate)
+  keep = [i for i in range(len(src)) if len(src[i]) <= config.max_source_length
+          and len(tgt[i]) <= config.max_target_length]
+  if len(keep) < len(src):
+    logging.info('Dropped %d of %d pairs longer than %d/%d tokens', len(src) - len(keep),
+                 len(src), config.max_source_length, config.max_target_length)
+  return [src[i] for i in keep], [tgt[i] for i in keep]
+
+
+def bucket_lengths(max_length: int, step: float) -> list[int]:
+  """Padded lengths of the buckets: multiples of 8 growing by `step`, ending at max_length."""
+  lengths, length = [], float(_BUCKET_QUANTUM)
+  while True:
+    padded = min(max_length, math.ceil(length / _BUCKET_QUANTUM) * _BUCKET_QUANTUM)
+    if not lengths or padded > lengths[-1]:
+      lengths.append(padded)
+    if padded >= max_length:
+      return lengths
+    length *= step
+
+
+def bucket_batch_sizes(lengths: list[int], max_tokens: int, num_devices: int) -> list[int]:
+  """Rows per batch for each bucket: about max_tokens / length, a multiple of num_devices."""
+  return [max(num_devices, max_tokens // length // num_devices * num_devices)
+          for length in lengths]
+
+
+def _to_dataset(sources: list[np.ndarray], targets: list[np.ndarray]) -> tf.data.Dataset:
+  ragged = lambda seqs: tf.RaggedTensor.from_row_lengths(
+      np.concatenate(seqs) if seqs else np.zeros([0], np.int32),
+      np.array([len(s) for s in seqs], dtype=np.int64))
+  ds = tf.data.Dataset.from_tensor_slices({'inputs': ragged(sources),
+                                           'targets': ragged(targets)})
+  # Rows of a ragged tensor come out as ragged-rank-0 values; make them plain tensors.
+  return ds.map(lambda x: {k: tf.convert_to_tensor(v) for k, v in x.items()})
+
+
+def _bucket(ds: tf.data.Dataset, lengths: list[int], batch_sizes: list[int],
+            drop_remainder: bool) -> tf.data.Dataset:
+  # Bucket i holds pairs whose longer side is in (lengths[i-1], lengths[i]] and pads
+  # both sides to lengths[i]; the last, never-used bucket catches anything longer.
+  return ds.bucket_by_sequence_length(
+      element_length_func=lambda x: tf.maximum(tf.shape(x['inputs'])[0],
+                                                tf.shape(x['targets'])[0]),
+      bucket_boundaries=[length + 1 for length in lengths],
+      bucket_batch_sizes=batch_sizes + [batch_sizes[-1]],
+      pad_to_bucket_boundary=True, drop_remainder=drop_remainder)
+
+
+def _options() -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True
+  return options
+
+
+class Batcher:
+  """Builds the train and eval `tf.data` pipelines for one bucketing scheme.
+
+  Args:
+    max_length: the longest side allowed (max of source and target limits).
+    max_tokens: padded tokens per global batch and side.
+    bucket_step: growth factor of the bucket lengths.
+    num_devices: batch sizes are multiples of this, so the batch splits evenly.
+  """
+
+  def __init__(self, max_length: int, max_tokens: int, bucket_step: float, num_devices: int):
+    self.lengths = bucket_lengths(max_length, bucket_step)
+    self.batch_sizes = bucket_batch_sizes(self.lengths, max_tokens, num_devices)
+
+  def train(self, sources, targets, seed: int, shuffle_buffer_size: int,
+            skip: int = 0) -> tf.data.Dataset:
+    """Endless, shuffled (reshuffled each epoch, deterministically from `seed`) batches,
+    starting after the first `skip` batches."""
+    ds = _to_dataset(sources, targets)
+    ds = ds.shuffle(shuffle_buffer_size, seed=seed, reshuffle_each_iteration=True).repeat()
+    ds = _bucket(ds, self.lengths, self.batch_sizes, drop_remainder=True)
+    return ds.skip(skip).prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+  def eval(self, sources, targets) -> tf.data.Dataset:
+    """One pass in a fixed order; the last batch of a bucket may be short (`pad_rows`)."""
+    ds = _bucket(_to_dataset(sources, targets), self.lengths, self.batch_sizes,
+                 drop_remainder=False)
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+  def pad_rows(self, batch: dict) -> dict:
+    """Pads a short eval batch with all-padding rows up to its bucket's batch size, so
+    eval compiles once per bucket."""
+    length = batch['inputs'].shape[1]
+    rows = self.batch_sizes[self.lengths.index(length)] - batch['inputs'].shape[0]
+    return {k: np.pad(v, ((0, rows), (0, 0))) for k, v in batch.items()}

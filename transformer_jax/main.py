@@ -1,0 +1,62 @@
+"""Command line: `python -m transformer_jax.main --config=configs/mt.py --workdir=DIR`.
+
+Any config field can be overridden: `--config.num_train_steps=1000`. Rerunning with the
+same --workdir resumes from its latest checkpoint. A bad flag or config value stops the
+run with one line naming it, before anything heavy is imported or any file is written.
+"""
+import os
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from transformer_jax import config_schema
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Folder for everything the run writes (tokenizer, '
+                    'checkpoints, TensorBoard events, log). Default: runs/<dataset>_<src>-<tgt>.')
+config_flags.DEFINE_config_file('config', 'configs/mt.py', 'Config file (path[:variant]).',
+                                lock_config=True)
+
+
+def default_workdir(config) -> str:
+  """runs/<dataset>_<src>-<tgt>, relative to the current folder."""
+  name = config.dataset_name.replace('/', '_')
+  return os.path.join('runs', f'{name}_{config.source_lang}-{config.target_lang}')
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing that reports a bad flag in one line instead of a traceback."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    sys.exit(f'error: {lines[0]} {lines[-1]}' if len(lines) > 1 else f'error: {e}')
+  except (KeyError, AttributeError) as e:  # An override of a field the config lacks.
+    name = str(e).strip('\'"')
+    sys.exit(f'error: --config.{name}: unknown config field')
+
+
+def main(argv):
+  if len(argv) > 1:
+    sys.exit(f'error: unexpected arguments: {" ".join(argv[1:])}')
+  config = FLAGS.config
+  try:
+    config_schema.validate(config)
+  except config_schema.ConfigError as e:
+    sys.exit(f'error: {e}')
+  except OSError as e:  # ml_collections defers a config file's load error to first use.
+    sys.exit(f'error: --config: cannot load the config file: {str(e).splitlines()[-1].strip()}')
+  workdir = FLAGS.workdir or default_workdir(config)
+  print(f'workdir: {os.path.abspath(workdir)}', file=sys.stderr)
+
+  from transformer_jax import multi30k, train  # pylint: disable=g-import-not-at-top
+  try:
+    train.train_and_evaluate(config, workdir)
+  except (config_schema.ConfigError, multi30k.DataError) as e:
+    sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=parse_flags)

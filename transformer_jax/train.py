@@ -1,0 +1,218 @@
+"""Training loop: jit-compiled train/eval steps, evaluation, logging and checkpoints."""
+from __future__ import annotations
+
+import functools
+import logging as py_logging
+import os
+import time
+from typing import Any, Callable
+
+from absl import logging
+import flax
+from flax.metrics import tensorboard
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+
+from transformer_jax import checkpoints
+from transformer_jax import config_schema
+from transformer_jax import data
+from transformer_jax import losses
+from transformer_jax import models
+from transformer_jax import optim
+from transformer_jax import sharding
+from transformer_jax import tokenizer
+from transformer_jax.tokenizer import PAD_ID
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a checkpoint holds. The dropout rng is derived from (seed, step), and
+  the data position equals `step`, so (step, params, opt_state) restores a run exactly."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def train_step(state: TrainState, batch: dict, *, model: models.Transformer,
+               optimizer: optax.GradientTransformation, loss_fn: losses.LossFn,
+               schedule: Callable, seed: int) -> tuple[TrainState, dict]:
+  """One optimizer update on a batch {'inputs': int32 [B, S], 'targets': int32 [B, T]}.
+
+  Returns the new state and scalar metrics: the loss function's, plus 'loss',
+  'grad_norm' and 'learning_rate'.
+  """
+  dropout_rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
+  weights = (batch['targets'] != PAD_ID).astype(jnp.float32)
+
+  def objective(params):
+    logits = model.apply({'params': params}, batch['inputs'], batch['targets'],
+                         deterministic=False, rngs={'dropout': dropout_rng})
+    return loss_fn(logits, batch['targets'], weights)
+
+  (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {**metrics, 'loss': loss, 'grad_norm': optax.global_norm(grads),
+             'learning_rate': schedule(state.step)}
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params, batch: dict, *, model: models.Transformer) -> dict:
+  """Sums over a batch's real target tokens: 'nll' (unsmoothed), 'correct', 'num_tokens'."""
+  weights = (batch['targets'] != PAD_ID).astype(jnp.float32)
+  logits = model.apply({'params': params}, batch['inputs'], batch['targets'])
+  _, metrics = losses.cross_entropy(logits, batch['targets'], weights)
+  n = metrics['num_tokens']
+  return {'nll': metrics['nll'] * n, 'correct': metrics['accuracy'] * n, 'num_tokens': n}
+
+
+def evaluate(eval_fn: Callable, params, batcher: data.Batcher, eval_ds, mesh,
+             num_batches: int) -> dict:
+  """Validation loss (per real token), perplexity and token accuracy over `eval_ds`."""
+  sums = []
+  for i, batch in enumerate(eval_ds.as_numpy_iterator()):
+    if i == num_batches:
+      break
+    sums.append(eval_fn(params, sharding.put_batch(batcher.pad_rows(batch), mesh)))
+  totals = jax.tree.map(lambda *x: float(np.sum(x)), *jax.device_get(sums))
+  n = max(totals['num_tokens'], 1.0)
+  return {'loss': totals['nll'] / n, 'perplexity': float(np.exp(totals['nll'] / n)),
+          'accuracy': totals['correct'] / n}
+
+
+def load_or_train_tokenizer(config, workdir: str, sentences: list[str]):
+  """The SentencePiece model in {workdir}/tokenizer/spm.model, trained on `sentences`
+  the first time and reused on restarts."""
+  path = os.path.join(workdir, 'tokenizer', 'spm.model')
+  if os.path.exists(path):
+    logging.info('Reusing tokenizer %s', path)
+    return tokenizer.load(path)
+  rng = np.random.default_rng(config.seed)
+  if len(sentences) > config.spm_max_sentences:
+    sentences = [sentences[i] for i in
+                 rng.choice(len(sentences), config.spm_max_sentences, replace=False)]
+  return tokenizer.train(sentences, path, config.vocab_size, config.spm_model_type,
+                         config.spm_character_coverage)
+
+
+def _log_to_file(workdir: str) -> None:
+  """INFO and above go to {workdir}/train.log; the console shows warnings, the progress
+  bar and the eval lines."""
+  handler = py_logging.FileHandler(os.path.join(workdir, 'train.log'))
+  handler.setFormatter(py_logging.Formatter('%(asctime)s %(levelname)s %(message)s'))
+  logging.get_absl_logger().addHandler(handler)
+  logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().setLevel(py_logging.WARNING)
+
+
+def train_and_evaluate(config, workdir: str) -> TrainState:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
+
+  Writes {workdir}/tokenizer/spm.model, checkpoints/, tensorboard/ and train.log.
+  Returns the final train state.
+
+  Raises:
+    config_schema.ConfigError: a bad config field (before any work is done).
+    multi30k.DataError: bad input data, naming the file and line.
+  """
+  config_schema.validate(config)
+  loss_fn = losses.get_loss(config)
+  os.makedirs(workdir, exist_ok=True)
+  _log_to_file(workdir)
+  mesh = sharding.make_mesh()
+  logging.info('Devices: %s', mesh.devices)
+
+  # Data and tokenizer.
+  train_src, train_tgt = data.load_pairs(config, config.train_split, workdir)
+  eval_src, eval_tgt = data.load_pairs(config, config.eval_split, workdir)
+  sp = load_or_train_tokenizer(config, workdir, train_src + train_tgt)
+  train_src, train_tgt = data.tokenize_pairs(sp, train_src, train_tgt, config)
+  eval_src, eval_tgt = data.tokenize_pairs(sp, eval_src, eval_tgt, config)
+  batcher = data.Batcher(max(config.max_source_length, config.max_target_length),
+                         config.max_tokens_per_batch, config.length_bucket_step, mesh.size)
+  logging.info('Buckets (length: rows): %s', dict(zip(batcher.lengths, batcher.batch_sizes)))
+
+  # Model, optimizer, state.
+  model = models.Transformer(models.TransformerConfig.from_config(config, sp.vocab_size()))
+  optimizer = optim.make_optimizer(config)
+  schedule = optim.learning_rate_schedule(config)
+
+  def init(rng):
+    dummy = jnp.ones((1, 8), jnp.int32)
+    params = model.init(rng, dummy, dummy)['params']
+    return TrainState(step=jnp.array(0, jnp.int32), params=params,
+                      opt_state=optimizer.init(params))
+
+  replicated = sharding.replicated(mesh)
+  state = jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(config.seed))
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  logging.info('Model: %s parameters, vocab %d', f'{num_params:,}', sp.vocab_size())
+
+  manager = checkpoints.make_manager(workdir, config.keep_checkpoints)
+  state = checkpoints.restore_latest(manager, state)
+  start_step = int(state.step)
+
+  batch_sharding = sharding.batch_sharding(mesh)
+  p_train_step = jax.jit(
+      functools.partial(train_step, model=model, optimizer=optimizer, loss_fn=loss_fn,
+                        schedule=schedule, seed=config.seed),
+      in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
+      donate_argnums=0)
+  p_eval_step = jax.jit(functools.partial(eval_step, model=model),
+                        in_shardings=(replicated, batch_sharding), out_shardings=replicated)
+
+  train_iter = batcher.train(train_src, train_tgt, config.seed, config.shuffle_buffer_size,
+                             skip=start_step).as_numpy_iterator()
+  eval_ds = batcher.eval(eval_src, eval_tgt)
+  writer = tensorboard.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+  bar = tqdm.tqdm(total=config.num_train_steps, initial=start_step, unit='step',
+                  dynamic_ncols=True, desc='train')
+  pending, tokens, window_start = [], 0, time.perf_counter()
+  try:
+    for step in range(start_step + 1, config.num_train_steps + 1):
+      batch = next(train_iter)
+      tokens += int(np.count_nonzero(batch['targets']))
+      state, metrics = p_train_step(state, sharding.put_batch(batch, mesh))
+      pending.append(metrics)
+      bar.update(1)
+      last = step == config.num_train_steps
+      do_eval = step % config.eval_every_steps == 0 or last
+
+      if step % config.log_every_steps == 0 or do_eval:
+        summary = {k: float(np.mean(v)) for k, v in
+                   jax.tree.map(lambda *x: np.stack(x), *jax.device_get(pending)).items()}
+        elapsed = time.perf_counter() - window_start
+        summary['steps_per_second'] = len(pending) / elapsed
+        summary['target_tokens_per_second'] = tokens / elapsed
+        for name, value in summary.items():
+          writer.scalar(f'train/{name}', value, step)
+        bar.set_postfix(loss=f"{summary['loss']:.3f}",
+                        tok_s=f"{summary['target_tokens_per_second']:.0f}")
+        train_summary = summary
+        pending, tokens, window_start = [], 0, time.perf_counter()
+
+      if do_eval:
+        result = evaluate(p_eval_step, state.params, batcher, eval_ds, mesh,
+                          config.num_eval_batches)
+        for name, value in result.items():
+          writer.scalar(f'eval/{name}', value, step)
+        writer.flush()
+        line = (f"step {step}: train loss {train_summary['loss']:.4f} | "
+                f"eval loss {result['loss']:.4f} ppl {result['perplexity']:.2f} "
+                f"acc {result['accuracy']:.4f} | "
+                f"{train_summary['target_tokens_per_second']:.0f} target tok/s")
+        bar.write(line)
+        logging.info(line)
+        window_start = time.perf_counter()  # Do not count eval time as training time.
+
+      if step % config.checkpoint_every_steps == 0 or last:
+        checkpoints.save(manager, state)
+  finally:
+    bar.close()
+    writer.close()
+    manager.wait_until_finished()
+    manager.close()
+  return state
