@@ -31,7 +31,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   c.max_source_length = 64    # Tokens, EOS included.
   c.max_target_length = 64
   c.truncate = False          # Over-long pairs: True truncates, False drops them.
-  c.max_tokens_per_batch = 4096  # Global batch size in tokens (padded, per side).
+  c.max_tokens_per_batch = 2048  # Global batch size in tokens (padded, per side).
   c.length_bucket_step = 1.25    # Bucket boundaries grow by this factor.
   c.shuffle_buffer_size = 32768  # Pairs; >= corpus size gives a full shuffle.
 
@@ -61,7 +61,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
 
   # --- Optimizer: AdamW with warmup then decay ----------------------------
   c.learning_rate = 1e-3      # Peak, reached after warmup_steps.
-  c.warmup_steps = 1000
+  c.warmup_steps = 500
   c.schedule = 'rsqrt'        # 'rsqrt', 'cosine' or 'constant' after warmup.
   c.adam_b1 = 0.9
   c.adam_b2 = 0.98

@@ -56,6 +56,10 @@ def main(argv):
     train.train_and_evaluate(config, workdir)
   except (config_schema.ConfigError, multi30k.DataError) as e:
     sys.exit(f'error: {e}')
+  except KeyboardInterrupt:
+    print(f'interrupted: rerun with --workdir={workdir} to resume from its latest checkpoint',
+          file=sys.stderr)
+    sys.exit(130)
 
 
 if __name__ == '__main__':

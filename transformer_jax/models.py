@@ -101,11 +101,12 @@ class MultiHeadAttention(nn.Module):
     [B, H, Tq, Tk] (True = attend) -> [B, Tq, D] in `config.dtype`."""
     cfg = self.config
     head_dim = cfg.d_model // cfg.num_heads
-    project = lambda name: nn.DenseGeneral(
-        features=(cfg.num_heads, head_dim), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-        kernel_init=nn.initializers.xavier_uniform(), name=name)
+    project = lambda name, use_bias=True: nn.DenseGeneral(
+        features=(cfg.num_heads, head_dim), use_bias=use_bias, dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype, kernel_init=nn.initializers.xavier_uniform(), name=name)
     q = project('query')(queries)      # [B, Tq, H, K]
-    k = project('key')(keys_values)    # [B, Tk, H, K]
+    # No key bias: it adds the same q.b to every logit of a query, which softmax ignores.
+    k = project('key', use_bias=False)(keys_values)  # [B, Tk, H, K]
     v = project('value')(keys_values)  # [B, Tk, H, K]
 
     logits = jnp.einsum('bqhk,bthk->bhqt', q, k) / np.sqrt(head_dim).astype(cfg.dtype)

@@ -1,0 +1,68 @@
+"""The command line: one-line errors for bad options, Ctrl-C and resume on Multi30k."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def run_main(*args, **kwargs):
+  return subprocess.run([sys.executable, '-m', 'transformer_jax.main', *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=600, **kwargs)
+
+
+@pytest.mark.parametrize('flag, message', [
+    ('--config.no_such_field=1', 'error: --config.no_such_field: unknown config field'),
+    ('--config.num_train_steps=abc', "error: flag --config.num_train_steps=abc: invalid literal"),
+    ('--config.num_train_steps=-5', 'error: config.num_train_steps=-5: must be >= 0'),
+    ('--config.d_model=30', 'error: config.d_model=30: must be divisible by config.num_heads=4'),
+    ('--config.label_smoothing=1.5', 'error: config.label_smoothing=1.5: must be in [0, 1)'),
+    ('--config.schedule=linear', "error: config.schedule='linear': must be one of"),
+    ('--config=configs/no_such_file.py', 'error: --config: cannot load the config file'),
+])
+def test_bad_option_stops_with_one_line_before_any_work(flag, message, tmp_path):
+  workdir = tmp_path / 'wd'
+  args = ['--config=configs/mt.py', flag] if flag.startswith('--config.') else [flag]
+  proc = run_main(*args, f'--workdir={workdir}')
+  assert proc.returncode != 0
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and lines[0].startswith(message), proc.stderr
+  assert not workdir.exists()
+
+
+def test_missing_data_dir_names_the_folder(tmp_path):
+  proc = run_main('--config=configs/mt.py:tiny', f'--workdir={tmp_path}',
+                  f'--config.data_dir={tmp_path}/nope')
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1] == f'error: {tmp_path}/nope: no such folder (the Multi30k data_dir)'
+
+
+def test_ctrl_c_leaves_a_restorable_checkpoint_and_rerun_resumes(data_dir, tmp_path):
+  args = ['--config=configs/mt.py:tiny', f'--workdir={tmp_path}', f'--config.data_dir={data_dir}',
+          '--config.checkpoint_every_steps=5', '--config.eval_every_steps=1000']
+  proc = subprocess.Popen([sys.executable, '-m', 'transformer_jax.main', *args,
+                           '--config.num_train_steps=100000'], cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  ckpt_dir = tmp_path / 'checkpoints'
+  deadline = time.time() + 300
+  while time.time() < deadline and not (ckpt_dir.exists() and any(
+      name.isdigit() and int(name) >= 10 for name in os.listdir(ckpt_dir))):
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGINT)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 130, stderr[-2000:]
+  assert 'interrupted: rerun with --workdir' in stderr
+  steps = sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
+  assert steps and steps[-1] >= 10
+  latest = steps[-1]
+  # Rerun: restores the latest checkpoint and trains 5 more steps.
+  done = run_main(*args, f'--config.num_train_steps={latest + 5}')
+  assert done.returncode == 0, done.stderr[-2000:]
+  log = (tmp_path / 'train.log').read_text()
+  assert f'Restoring checkpoint at step {latest}' in log
+  assert f'step {latest + 5}: train loss' in log
+  assert str(latest + 5) in os.listdir(ckpt_dir)
