@@ -69,6 +69,20 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   c.weight_decay = 1e-4       # Not applied to biases, LayerNorm, embeddings.
   c.max_grad_norm = 1.0       # Global-norm clipping; 0 turns it off.
 
+  # --- Decoding and evaluation -------------------------------------------
+  c.test_split = 'test_2016'  # Scored with the best checkpoint after training; '' = skip.
+  c.decoding = 'beam'         # 'beam', 'greedy' or 'sample'.
+  c.beam_size = 4
+  c.length_penalty = 0.6      # GNMT alpha: ((5 + |Y|) / 6)^alpha; 0 = none.
+  c.temperature = 1.0         # decoding='sample' only.
+  c.top_k = 0                 # decoding='sample': sample among the k best; 0 = all.
+  c.decode_max_length_ratio = 1.5  # Output cap: ratio * source tokens + offset.
+  c.decode_max_length_offset = 10
+  c.decode_batch_tokens = 8192     # Padded source tokens x beams per decoding batch.
+  c.bleu_every_steps = 1000   # Validation BLEU (keeps the best checkpoint); 0 = off.
+  c.patience = 0              # Stop after this many BLEU evals without gain; 0 = off.
+  c.average_checkpoints = 1   # eval/translate: average the last k checkpoints.
+
   # --- Training loop ------------------------------------------------------
   c.seed = 0
   c.num_train_steps = 20_000
@@ -96,6 +110,8 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
     c.num_eval_batches = 4
     c.checkpoint_every_steps = 20
     c.log_every_steps = 10
+    c.bleu_every_steps = 20
+    c.beam_size = 2
   elif variant:
     raise ValueError(f"configs/mt.py: unknown variant {variant!r}; use '' or 'tiny'")
   return c

@@ -47,6 +47,8 @@ def tiny_config(text_dir: str, **overrides):
   config.dataset_name = 'text'
   config.data_dir = text_dir
   config.eval_split = 'val'
+  config.test_split = ''        # Tests of decoding turn these on.
+  config.bleu_every_steps = 0
   config.vocab_size = 300
   for key, value in overrides.items():
     config[key] = value

@@ -43,7 +43,8 @@ def test_missing_data_dir_names_the_folder(tmp_path):
 
 def test_ctrl_c_leaves_a_restorable_checkpoint_and_rerun_resumes(data_dir, tmp_path):
   args = ['--config=configs/mt.py:tiny', f'--workdir={tmp_path}', f'--config.data_dir={data_dir}',
-          '--config.checkpoint_every_steps=5', '--config.eval_every_steps=1000']
+          '--config.checkpoint_every_steps=5', '--config.eval_every_steps=1000',
+          '--config.bleu_every_steps=0', '--config.test_split=']
   proc = subprocess.Popen([sys.executable, '-m', 'transformer_jax.main', *args,
                            '--config.num_train_steps=100000'], cwd=REPO,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

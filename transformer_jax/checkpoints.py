@@ -13,12 +13,13 @@ import jax
 import orbax.checkpoint as ocp
 
 
-def make_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
-  """A manager that keeps the last `keep` checkpoints, saving in the background."""
+def make_manager(workdir: str, keep: int, subdir: str = 'checkpoints'
+                 ) -> ocp.CheckpointManager:
+  """A manager of {workdir}/{subdir} that keeps the last `keep` checkpoints, saving in
+  the background."""
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                          cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')),
-                               options=options)
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, subdir)), options=options)
 
 
 def save(manager: ocp.CheckpointManager, state) -> None:
@@ -26,12 +27,16 @@ def save(manager: ocp.CheckpointManager, state) -> None:
   manager.save(int(state.step), args=ocp.args.StandardSave(state))
 
 
+def restore(manager: ocp.CheckpointManager, state, step: int):
+  """Checkpoint `step` restored into the structure, dtypes and shardings of `state`."""
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
 def restore_latest(manager: ocp.CheckpointManager, state):
-  """Returns the latest checkpoint restored into the structure, dtypes and shardings of
-  `state`, or `state` itself when there is none."""
+  """The latest checkpoint restored like `state`, or `state` itself when there is none."""
   step = manager.latest_step()
   if step is None:
     return state
   logging.info('Restoring checkpoint at step %d from %s', step, manager.directory)
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  return restore(manager, state, step)

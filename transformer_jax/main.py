@@ -1,9 +1,15 @@
-"""Command line: `python -m transformer_jax.main --config=configs/mt.py --workdir=DIR`.
+"""Command line: train, score or use a translation model.
 
-Any config field can be overridden: `--config.num_train_steps=1000`. Rerunning with the
-same --workdir resumes from its latest checkpoint. A bad flag or config value stops the
-run with one line naming it, before anything heavy is imported or any file is written.
+  python -m transformer_jax.main --config=configs/mt.py --workdir=DIR            # train
+  python -m transformer_jax.main --config=configs/mt.py --workdir=DIR --mode=eval --split=test_2016
+  python -m transformer_jax.main --config=configs/mt.py --workdir=DIR --mode=translate \
+      [--input=FILE] [--output=FILE]                                             # stdin/stdout
+
+Any config field can be overridden: `--config.num_train_steps=1000`. Rerunning training
+with the same --workdir resumes from its latest checkpoint. A bad flag or config value
+stops with one line naming it, before anything heavy is imported or any file is written.
 """
+import contextlib
 import os
 import sys
 
@@ -18,6 +24,13 @@ flags.DEFINE_string('workdir', None, 'Folder for everything the run writes (toke
                     'checkpoints, TensorBoard events, log). Default: runs/<dataset>_<src>-<tgt>.')
 config_flags.DEFINE_config_file('config', 'configs/mt.py', 'Config file (path[:variant]).',
                                 lock_config=True)
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'translate'],
+                  'train; eval: score a checkpoint on --split; translate: --input to --output.')
+flags.DEFINE_string('split', None, 'eval: the split to score (default: config.test_split).')
+flags.DEFINE_string('input', None, 'translate: source sentences, one per line (default: stdin).')
+flags.DEFINE_string('output', None, 'translate: where translations go (default: stdout).')
+flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'],
+                  'eval/translate: the best checkpoint by validation BLEU, or the latest.')
 
 
 def default_workdir(config) -> str:
@@ -51,10 +64,27 @@ def main(argv):
   workdir = FLAGS.workdir or default_workdir(config)
   print(f'workdir: {os.path.abspath(workdir)}', file=sys.stderr)
 
-  from transformer_jax import multi30k, train  # pylint: disable=g-import-not-at-top
+  if FLAGS.mode != 'train' and not os.path.isdir(workdir):
+    sys.exit(f'error: --workdir={workdir}: no such folder (train a model there first)')
+  if FLAGS.input and not os.path.isfile(FLAGS.input):
+    sys.exit(f'error: --input={FLAGS.input}: no such file')
+
+  # pylint: disable=g-import-not-at-top
+  from transformer_jax import evaluation, multi30k, train
   try:
-    train.train_and_evaluate(config, workdir)
-  except (config_schema.ConfigError, multi30k.DataError) as e:
+    if FLAGS.mode == 'train':
+      train.train_and_evaluate(config, workdir)
+    elif FLAGS.mode == 'eval':
+      evaluation.run_eval(config, workdir, FLAGS.split or config.test_split, FLAGS.checkpoint)
+    else:
+      with contextlib.ExitStack() as files:
+        source = (files.enter_context(open(FLAGS.input, encoding='utf-8'))
+                  if FLAGS.input else sys.stdin)
+        target = (files.enter_context(open(FLAGS.output, 'w', encoding='utf-8'))
+                  if FLAGS.output else sys.stdout)
+        evaluation.run_translate(config, workdir, source, target, FLAGS.checkpoint)
+  except (config_schema.ConfigError, multi30k.DataError, FileNotFoundError,
+          UnicodeDecodeError) as e:
     sys.exit(f'error: {e}')
   except KeyboardInterrupt:
     print(f'interrupted: rerun with --workdir={workdir} to resume from its latest checkpoint',

@@ -60,13 +60,15 @@ def sinusoidal_positions(length: int, d_model: int) -> np.ndarray:
   Returns:
     float32 array [length, d_model].
   """
-  positions = np.arange(length, dtype=np.float64)[:, None]
+  return np.asarray(sinusoid_at(np.arange(length), d_model))
+
+
+def sinusoid_at(positions, d_model: int) -> jax.Array:
+  """The encodings of `positions` (int array [...], may be traced) -> float32 [..., D]."""
   inv_freq = 1.0 / (10000.0 ** (np.arange(0, d_model, 2, dtype=np.float64) / d_model))
-  angles = positions * inv_freq  # [length, D/2]
-  pe = np.zeros((length, d_model), dtype=np.float64)
-  pe[:, 0::2] = np.sin(angles)
-  pe[:, 1::2] = np.cos(angles[:, :d_model // 2])
-  return pe.astype(np.float32)
+  angles = jnp.asarray(positions, jnp.float32)[..., None] * inv_freq.astype(np.float32)
+  pe = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1)  # [..., D/2, 2]: sin, cos
+  return pe.reshape(*pe.shape[:-2], -1)[..., :d_model]
 
 
 def padding_mask(query_tokens: Array, key_tokens: Array) -> Array:
@@ -91,33 +93,50 @@ def shift_right(targets: Array) -> Array:
 
 
 class MultiHeadAttention(nn.Module):
-  """Scaled dot-product attention over H heads (Vaswani et al. 2017, eq. 1 and 3.2.2)."""
+  """Scaled dot-product attention over H heads (Vaswani et al. 2017, eq. 1 and 3.2.2).
+
+  `__call__` projects keys and values itself; `project_kv` and `attend` split that in
+  two so incremental decoding can cache the projected keys and values.
+  """
   config: TransformerConfig
 
-  @nn.compact
-  def __call__(self, queries: Array, keys_values: Array, mask: Array,
-               deterministic: bool) -> Array:
-    """queries [B, Tq, D], keys_values [B, Tk, D], mask bool broadcastable to
-    [B, H, Tq, Tk] (True = attend) -> [B, Tq, D] in `config.dtype`."""
+  def setup(self):
     cfg = self.config
     head_dim = cfg.d_model // cfg.num_heads
-    project = lambda name, use_bias=True: nn.DenseGeneral(
+    project = lambda use_bias=True: nn.DenseGeneral(
         features=(cfg.num_heads, head_dim), use_bias=use_bias, dtype=cfg.dtype,
-        param_dtype=cfg.param_dtype, kernel_init=nn.initializers.xavier_uniform(), name=name)
-    q = project('query')(queries)      # [B, Tq, H, K]
+        param_dtype=cfg.param_dtype, kernel_init=nn.initializers.xavier_uniform())
+    self.query = project()
     # No key bias: it adds the same q.b to every logit of a query, which softmax ignores.
-    k = project('key', use_bias=False)(keys_values)  # [B, Tk, H, K]
-    v = project('value')(keys_values)  # [B, Tk, H, K]
+    self.key = project(use_bias=False)
+    self.value = project()
+    self.out = nn.DenseGeneral(features=cfg.d_model, axis=(-2, -1), dtype=cfg.dtype,
+                               param_dtype=cfg.param_dtype,
+                               kernel_init=nn.initializers.xavier_uniform())
+    self.dropout = nn.Dropout(cfg.attention_dropout_rate)
 
-    logits = jnp.einsum('bqhk,bthk->bhqt', q, k) / np.sqrt(head_dim).astype(cfg.dtype)
+  def project_kv(self, keys_values: Array) -> tuple[Array, Array]:
+    """[B, Tk, D] -> keys, values [B, Tk, H, K]."""
+    return self.key(keys_values), self.value(keys_values)
+
+  def attend(self, queries: Array, keys: Array, values: Array, mask: Array,
+             deterministic: bool) -> Array:
+    """queries [B, Tq, D], projected keys/values [B, Tk, H, K], mask bool broadcastable to
+    [B, H, Tq, Tk] (True = attend) -> [B, Tq, D] in `config.dtype`."""
+    cfg = self.config
+    q = self.query(queries)  # [B, Tq, H, K]
+    logits = jnp.einsum('bqhk,bthk->bhqt', q, keys) / np.sqrt(q.shape[-1]).astype(cfg.dtype)
     logits = jnp.where(mask, logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(cfg.dtype)  # [B, H, Tq, Tk]
-    weights = nn.Dropout(cfg.attention_dropout_rate)(weights, deterministic=deterministic)
-    context = jnp.einsum('bhqt,bthk->bqhk', weights, v)  # [B, Tq, H, K]
+    weights = self.dropout(weights, deterministic=deterministic)
+    context = jnp.einsum('bhqt,bthk->bqhk', weights, values)  # [B, Tq, H, K]
+    return self.out(context)
 
-    return nn.DenseGeneral(features=cfg.d_model, axis=(-2, -1), dtype=cfg.dtype,
-                           param_dtype=cfg.param_dtype,
-                           kernel_init=nn.initializers.xavier_uniform(), name='out')(context)
+  def __call__(self, queries: Array, keys_values: Array, mask: Array,
+               deterministic: bool) -> Array:
+    """queries [B, Tq, D], keys_values [B, Tk, D], mask -> [B, Tq, D]."""
+    keys, values = self.project_kv(keys_values)
+    return self.attend(queries, keys, values, mask, deterministic)
 
 
 class FeedForward(nn.Module):
@@ -136,43 +155,82 @@ class FeedForward(nn.Module):
     return dense(cfg.d_model, 'wo')(h)     # [B, T, D]
 
 
+def _layer_norm(cfg: TransformerConfig) -> nn.LayerNorm:
+  return nn.LayerNorm(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+
+
 class EncoderLayer(nn.Module):
   """Pre-LN self-attention and feed-forward sub-layers."""
   config: TransformerConfig
 
-  @nn.compact
+  def setup(self):
+    cfg = self.config
+    self.self_attention_norm = _layer_norm(cfg)
+    self.self_attention = MultiHeadAttention(cfg)
+    self.feed_forward_norm = _layer_norm(cfg)
+    self.feed_forward = FeedForward(cfg)
+    self.dropout = nn.Dropout(cfg.dropout_rate)
+
   def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
     """x [B, S, D], mask [B, 1, 1, S] -> [B, S, D]."""
-    cfg = self.config
-    drop = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
-    h = _layer_norm(cfg, 'self_attention_norm')(x)
-    x = x + drop(MultiHeadAttention(cfg, name='self_attention')(h, h, mask, deterministic))
-    h = _layer_norm(cfg, 'feed_forward_norm')(x)
-    return x + drop(FeedForward(cfg, name='feed_forward')(h, deterministic))
+    drop = lambda y: self.dropout(y, deterministic=deterministic)
+    h = self.self_attention_norm(x)
+    x = x + drop(self.self_attention(h, h, mask, deterministic))
+    h = self.feed_forward_norm(x)
+    return x + drop(self.feed_forward(h, deterministic))
 
 
 class DecoderLayer(nn.Module):
   """Pre-LN causal self-attention, cross-attention and feed-forward sub-layers."""
   config: TransformerConfig
 
-  @nn.compact
+  def setup(self):
+    cfg = self.config
+    self.self_attention_norm = _layer_norm(cfg)
+    self.self_attention = MultiHeadAttention(cfg)
+    self.cross_attention_norm = _layer_norm(cfg)
+    self.cross_attention = MultiHeadAttention(cfg)
+    self.feed_forward_norm = _layer_norm(cfg)
+    self.feed_forward = FeedForward(cfg)
+    self.dropout = nn.Dropout(cfg.dropout_rate)
+
   def __call__(self, y: Array, encoded: Array, self_mask: Array, cross_mask: Array,
                deterministic: bool) -> Array:
     """y [B, T, D], encoded [B, S, D], self_mask [B, 1, T, T], cross_mask [B, 1, 1, S]
     -> [B, T, D]."""
-    cfg = self.config
-    drop = lambda z: nn.Dropout(cfg.dropout_rate)(z, deterministic=deterministic)
-    h = _layer_norm(cfg, 'self_attention_norm')(y)
-    y = y + drop(MultiHeadAttention(cfg, name='self_attention')(h, h, self_mask, deterministic))
-    h = _layer_norm(cfg, 'cross_attention_norm')(y)
-    y = y + drop(MultiHeadAttention(cfg, name='cross_attention')(
-        h, encoded, cross_mask, deterministic))
-    h = _layer_norm(cfg, 'feed_forward_norm')(y)
-    return y + drop(FeedForward(cfg, name='feed_forward')(h, deterministic))
+    drop = lambda z: self.dropout(z, deterministic=deterministic)
+    h = self.self_attention_norm(y)
+    y = y + drop(self.self_attention(h, h, self_mask, deterministic))
+    h = self.cross_attention_norm(y)
+    y = y + drop(self.cross_attention(h, encoded, cross_mask, deterministic))
+    h = self.feed_forward_norm(y)
+    return y + drop(self.feed_forward(h, deterministic))
 
+  def init_cache(self, encoded: Array, max_length: int) -> dict:
+    """Cross-attention keys/values, computed once per source, and an empty self-attention
+    cache: {'cross_k', 'cross_v': [B, S, H, K], 'self_k', 'self_v': [B, max_length, H, K]}."""
+    cross_k, cross_v = self.cross_attention.project_kv(encoded)
+    empty = jnp.zeros((encoded.shape[0], max_length) + cross_k.shape[2:], cross_k.dtype)
+    return {'cross_k': cross_k, 'cross_v': cross_v, 'self_k': empty, 'self_v': empty}
 
-def _layer_norm(cfg: TransformerConfig, name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
+  def step(self, y: Array, cache: dict, index: Array, cross_mask: Array
+           ) -> tuple[Array, dict]:
+    """One position: y [B, 1, D] at `index` (int scalar) -> ([B, 1, D], updated cache).
+
+    Writes this position's self-attention key/value into the cache and attends to
+    positions 0..index; no earlier position is recomputed.
+    """
+    h = self.self_attention_norm(y)
+    k, v = self.self_attention.project_kv(h)  # [B, 1, H, K]
+    self_k = jax.lax.dynamic_update_slice_in_dim(cache['self_k'], k, index, axis=1)
+    self_v = jax.lax.dynamic_update_slice_in_dim(cache['self_v'], v, index, axis=1)
+    visible = (jnp.arange(self_k.shape[1]) <= index)[None, None, None, :]  # [1,1,1,L]
+    y = y + self.self_attention.attend(h, self_k, self_v, visible, True)
+    h = self.cross_attention_norm(y)
+    y = y + self.cross_attention.attend(h, cache['cross_k'], cache['cross_v'], cross_mask, True)
+    h = self.feed_forward_norm(y)
+    y = y + self.feed_forward(h, True)
+    return y, {**cache, 'self_k': self_k, 'self_v': self_v}
 
 
 class Embedder(nn.Module):
@@ -181,20 +239,20 @@ class Embedder(nn.Module):
 
   def setup(self):
     cfg = self.config
-    self.embedding = nn.Embed(
+    self.embed = nn.Embed(
         cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-        embedding_init=nn.initializers.normal(stddev=cfg.d_model ** -0.5), name='embed')
+        embedding_init=nn.initializers.normal(stddev=cfg.d_model ** -0.5))
 
-  def __call__(self, tokens: Array) -> Array:
-    """int32 [B, L] -> [B, L, D] in `config.dtype`."""
+  def __call__(self, tokens: Array, offset: Array | int = 0) -> Array:
+    """int32 [B, L] at positions offset..offset+L-1 -> [B, L, D] in `config.dtype`."""
     cfg = self.config
-    x = self.embedding(tokens) * np.sqrt(cfg.d_model).astype(cfg.dtype)
-    positions = sinusoidal_positions(tokens.shape[1], cfg.d_model)
+    x = self.embed(tokens) * np.sqrt(cfg.d_model).astype(cfg.dtype)
+    positions = sinusoid_at(offset + jnp.arange(tokens.shape[1]), cfg.d_model)
     return x + positions[None].astype(cfg.dtype)
 
   def attend(self, x: Array) -> Array:
     """Output logits with the transposed embedding table: [B, T, D] -> float32 [B, T, V]."""
-    return self.embedding.attend(x).astype(jnp.float32)
+    return self.embed.attend(x).astype(jnp.float32)
 
 
 class Encoder(nn.Module):
@@ -202,15 +260,19 @@ class Encoder(nn.Module):
   config: TransformerConfig
   embedder: Embedder
 
-  @nn.compact
+  def setup(self):
+    cfg = self.config
+    self.layers = [EncoderLayer(cfg) for _ in range(cfg.num_encoder_layers)]
+    self.final_norm = _layer_norm(cfg)
+    self.dropout = nn.Dropout(cfg.dropout_rate)
+
   def __call__(self, inputs: Array, deterministic: bool) -> Array:
     """inputs int32 [B, S] (0 = pad) -> encoded [B, S, D]."""
-    cfg = self.config
-    x = nn.Dropout(cfg.dropout_rate)(self.embedder(inputs), deterministic=deterministic)
+    x = self.dropout(self.embedder(inputs), deterministic=deterministic)
     mask = padding_mask(inputs, inputs)  # [B, 1, 1, S]
-    for i in range(cfg.num_encoder_layers):
-      x = EncoderLayer(cfg, name=f'layer_{i}')(x, mask, deterministic)
-    return _layer_norm(cfg, 'final_norm')(x)
+    for layer in self.layers:
+      x = layer(x, mask, deterministic)
+    return self.final_norm(x)
 
 
 class Decoder(nn.Module):
@@ -218,38 +280,61 @@ class Decoder(nn.Module):
   config: TransformerConfig
   embedder: Embedder
 
-  @nn.compact
+  def setup(self):
+    cfg = self.config
+    self.layers = [DecoderLayer(cfg) for _ in range(cfg.num_decoder_layers)]
+    self.final_norm = _layer_norm(cfg)
+    self.dropout = nn.Dropout(cfg.dropout_rate)
+    if not cfg.share_embeddings:
+      self.logits = nn.DenseGeneral(cfg.vocab_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+
+  def _to_logits(self, y: Array) -> Array:
+    y = self.final_norm(y)
+    if self.config.share_embeddings:
+      return self.embedder.attend(y)
+    return self.logits(y).astype(jnp.float32)
+
   def __call__(self, encoded: Array, inputs: Array, targets: Array,
                deterministic: bool) -> Array:
     """encoded [B, S, D], inputs int32 [B, S] (for the cross-attention mask), targets
     int32 [B, T] (0 = pad; fed shifted right) -> logits float32 [B, T, V]."""
-    cfg = self.config
-    y = self.embedder(shift_right(targets))
-    y = nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
+    y = self.dropout(self.embedder(shift_right(targets)), deterministic=deterministic)
     self_mask = padding_mask(targets, targets) & causal_mask(targets.shape[1])  # [B,1,T,T]
     cross_mask = padding_mask(targets, inputs)                                  # [B,1,1,S]
-    for i in range(cfg.num_decoder_layers):
-      y = DecoderLayer(cfg, name=f'layer_{i}')(y, encoded, self_mask, cross_mask, deterministic)
-    y = _layer_norm(cfg, 'final_norm')(y)
-    if cfg.share_embeddings:
-      return self.embedder.attend(y)
-    return nn.DenseGeneral(cfg.vocab_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                           name='logits')(y).astype(jnp.float32)
+    for layer in self.layers:
+      y = layer(y, encoded, self_mask, cross_mask, deterministic)
+    return self._to_logits(y)
+
+  def init_cache(self, encoded: Array, inputs: Array, max_length: int) -> dict:
+    """Decoding state for up to `max_length` target positions: per-layer caches plus the
+    source padding mask (so beam search can reorder it with the rest)."""
+    return {'cross_mask': padding_mask(inputs, inputs),
+            'layers': [layer.init_cache(encoded, max_length) for layer in self.layers]}
+
+  def step(self, cache: dict, tokens: Array, index: Array) -> tuple[Array, dict]:
+    """Previous tokens int32 [B] at position `index` -> next-token logits float32 [B, V]
+    and the updated cache."""
+    y = self.embedder(tokens[:, None], offset=index)  # [B, 1, D]
+    new_layers = []
+    for layer, layer_cache in zip(self.layers, cache['layers']):
+      y, layer_cache = layer.step(y, layer_cache, index, cache['cross_mask'])
+      new_layers.append(layer_cache)
+    return self._to_logits(y)[:, 0], {**cache, 'layers': new_layers}
 
 
 class Transformer(nn.Module):
-  """Encoder-decoder Transformer; `__call__` gives teacher-forced logits."""
+  """Encoder-decoder Transformer; `__call__` gives teacher-forced logits, `encode` +
+  `init_cache` + `decode_step` decode incrementally."""
   config: TransformerConfig
 
   def setup(self):
     cfg = self.config
-    if cfg.share_embeddings:
-      source_embedder = target_embedder = Embedder(cfg, name='shared_embedder')
-    else:
-      source_embedder = Embedder(cfg, name='source_embedder')
-      target_embedder = Embedder(cfg, name='target_embedder')
-    self.encoder = Encoder(cfg, source_embedder)
-    self.decoder = Decoder(cfg, target_embedder)
+    self.source_embedder = Embedder(cfg)
+    if not cfg.share_embeddings:
+      self.target_embedder = Embedder(cfg)
+    self.encoder = Encoder(cfg, self.source_embedder)
+    self.decoder = Decoder(
+        cfg, self.source_embedder if cfg.share_embeddings else self.target_embedder)
 
   def encode(self, inputs: Array, deterministic: bool = True) -> Array:
     """inputs int32 [B, S] -> encoded [B, S, D]."""
@@ -259,6 +344,16 @@ class Transformer(nn.Module):
              deterministic: bool = True) -> Array:
     """encoded [B, S, D], inputs int32 [B, S], targets int32 [B, T] -> float32 [B, T, V]."""
     return self.decoder(encoded, inputs, targets, deterministic)
+
+  def init_cache(self, inputs: Array, max_length: int) -> dict:
+    """Encodes inputs int32 [B, S] once and returns the decoding cache for up to
+    `max_length` output tokens (cross-attention keys/values included)."""
+    return self.decoder.init_cache(self.encode(inputs), inputs, max_length)
+
+  def decode_step(self, cache: dict, tokens: Array, index: Array) -> tuple[Array, dict]:
+    """tokens int32 [B] (the previous output, BOS at index 0) -> logits float32 [B, V]
+    for position `index`, and the updated cache."""
+    return self.decoder.step(cache, tokens, index)
 
   def __call__(self, inputs: Array, targets: Array, deterministic: bool = True) -> Array:
     """inputs int32 [B, S], targets int32 [B, T] (0 = pad) -> logits float32 [B, T, V].

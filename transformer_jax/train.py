@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging as py_logging
 import os
 import time
@@ -19,11 +20,14 @@ import tqdm
 from transformer_jax import checkpoints
 from transformer_jax import config_schema
 from transformer_jax import data
+from transformer_jax import evaluation
 from transformer_jax import losses
 from transformer_jax import models
 from transformer_jax import optim
+from transformer_jax import scoring
 from transformer_jax import sharding
 from transformer_jax import tokenizer
+from transformer_jax import translate
 from transformer_jax.tokenizer import PAD_ID
 
 
@@ -98,21 +102,78 @@ def load_or_train_tokenizer(config, workdir: str, sentences: list[str]):
                          config.spm_character_coverage)
 
 
-def _log_to_file(workdir: str) -> None:
-  """INFO and above go to {workdir}/train.log; the console shows warnings, the progress
-  bar and the eval lines."""
-  handler = py_logging.FileHandler(os.path.join(workdir, 'train.log'))
-  handler.setFormatter(py_logging.Formatter('%(asctime)s %(levelname)s %(message)s'))
-  logging.get_absl_logger().addHandler(handler)
-  logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().setLevel(py_logging.WARNING)
+class _LogFile:
+  """Sends INFO and above to {workdir}/train.log while the console shows only warnings,
+  the progress bar and the eval lines; removed again on exit."""
+
+  def __init__(self, workdir: str):
+    self.handler = py_logging.FileHandler(os.path.join(workdir, 'train.log'))
+    self.handler.setFormatter(py_logging.Formatter('%(asctime)s %(levelname)s %(message)s'))
+
+  def __enter__(self):
+    logging.get_absl_logger().addHandler(self.handler)
+    logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().setLevel(py_logging.WARNING)
+
+  def __exit__(self, *exc):
+    logging.get_absl_logger().removeHandler(self.handler)
+    self.handler.close()
+
+
+def create_state(config, vocab_size: int, mesh) -> tuple[models.Transformer,
+                                                         optax.GradientTransformation,
+                                                         TrainState]:
+  """The model, its optimizer and a freshly initialized state replicated over `mesh`."""
+  model = models.Transformer(models.TransformerConfig.from_config(config, vocab_size))
+  optimizer = optim.make_optimizer(config)
+
+  def init(rng):
+    dummy = jnp.ones((1, 8), jnp.int32)
+    params = model.init(rng, dummy, dummy)['params']
+    return TrainState(step=jnp.array(0, jnp.int32), params=params,
+                      opt_state=optimizer.init(params))
+
+  state = jax.jit(init, out_shardings=sharding.replicated(mesh))(
+      jax.random.PRNGKey(config.seed))
+  return model, optimizer, state
+
+
+class BestCheckpoint:
+  """Keeps the checkpoint with the best validation BLEU in {workdir}/best, with its score
+  in best/score.json, and counts evaluations without improvement for early stopping."""
+
+  def __init__(self, workdir: str):
+    self.manager = checkpoints.make_manager(workdir, keep=1, subdir='best')
+    self.path = os.path.join(workdir, 'best', 'score.json')
+    self.step, self.bleu = -1, -1.0
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        saved = json.load(f)
+      self.step, self.bleu = saved['step'], saved['bleu']
+
+  def update(self, state: TrainState, bleu: float) -> bool:
+    """Saves `state` if `bleu` beats the best so far; returns whether it did."""
+    if bleu <= self.bleu:
+      return False
+    checkpoints.save(self.manager, state)
+    self.manager.wait_until_finished()
+    self.step, self.bleu = int(state.step), bleu
+    tmp = self.path + '.tmp'
+    with open(tmp, 'w') as f:
+      json.dump({'step': self.step, 'bleu': bleu}, f)
+    os.replace(tmp, self.path)
+    return True
+
+  def evaluations_since_best(self, step: int, every: int) -> int:
+    return (step - self.step) // every if self.step >= 0 else 0
 
 
 def train_and_evaluate(config, workdir: str) -> TrainState:
   """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
-  Writes {workdir}/tokenizer/spm.model, checkpoints/, tensorboard/ and train.log.
-  Returns the final train state.
+  Writes {workdir}/tokenizer/spm.model, checkpoints/, best/ (best validation BLEU),
+  translations/, tensorboard/ and train.log. At the end, scores `config.test_split` with
+  the best checkpoint. Returns the final train state.
 
   Raises:
     config_schema.ConfigError: a bad config field (before any work is done).
@@ -121,41 +182,35 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   config_schema.validate(config)
   loss_fn = losses.get_loss(config)
   os.makedirs(workdir, exist_ok=True)
-  _log_to_file(workdir)
+  with _LogFile(workdir):
+    return _train(config, workdir, loss_fn)
+
+
+def _train(config, workdir: str, loss_fn: losses.LossFn) -> TrainState:
   mesh = sharding.make_mesh()
   logging.info('Devices: %s', mesh.devices)
 
   # Data and tokenizer.
   train_src, train_tgt = data.load_pairs(config, config.train_split, workdir)
-  eval_src, eval_tgt = data.load_pairs(config, config.eval_split, workdir)
+  eval_text = data.load_pairs(config, config.eval_split, workdir)
   sp = load_or_train_tokenizer(config, workdir, train_src + train_tgt)
   train_src, train_tgt = data.tokenize_pairs(sp, train_src, train_tgt, config)
-  eval_src, eval_tgt = data.tokenize_pairs(sp, eval_src, eval_tgt, config)
+  eval_src, eval_tgt = data.tokenize_pairs(sp, *eval_text, config)
   batcher = data.Batcher(max(config.max_source_length, config.max_target_length),
                          config.max_tokens_per_batch, config.length_bucket_step, mesh.size)
   logging.info('Buckets (length: rows): %s', dict(zip(batcher.lengths, batcher.batch_sizes)))
 
   # Model, optimizer, state.
-  model = models.Transformer(models.TransformerConfig.from_config(config, sp.vocab_size()))
-  optimizer = optim.make_optimizer(config)
+  model, optimizer, state = create_state(config, sp.vocab_size(), mesh)
   schedule = optim.learning_rate_schedule(config)
-
-  def init(rng):
-    dummy = jnp.ones((1, 8), jnp.int32)
-    params = model.init(rng, dummy, dummy)['params']
-    return TrainState(step=jnp.array(0, jnp.int32), params=params,
-                      opt_state=optimizer.init(params))
-
-  replicated = sharding.replicated(mesh)
-  state = jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(config.seed))
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info('Model: %s parameters, vocab %d', f'{num_params:,}', sp.vocab_size())
-
   manager = checkpoints.make_manager(workdir, config.keep_checkpoints)
   state = checkpoints.restore_latest(manager, state)
   start_step = int(state.step)
+  best = BestCheckpoint(workdir)
 
-  batch_sharding = sharding.batch_sharding(mesh)
+  replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   p_train_step = jax.jit(
       functools.partial(train_step, model=model, optimizer=optimizer, loss_fn=loss_fn,
                         schedule=schedule, seed=config.seed),
@@ -167,6 +222,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   train_iter = batcher.train(train_src, train_tgt, config.seed, config.shuffle_buffer_size,
                              skip=start_step).as_numpy_iterator()
   eval_ds = batcher.eval(eval_src, eval_tgt)
+  translator = translate.Translator(model, state.params, sp, config, mesh)  # Compiles once.
   writer = tensorboard.SummaryWriter(os.path.join(workdir, 'tensorboard'))
   bar = tqdm.tqdm(total=config.num_train_steps, initial=start_step, unit='step',
                   dynamic_ncols=True, desc='train')
@@ -197,22 +253,53 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
       if do_eval:
         result = evaluate(p_eval_step, state.params, batcher, eval_ds, mesh,
                           config.num_eval_batches)
-        for name, value in result.items():
-          writer.scalar(f'eval/{name}', value, step)
-        writer.flush()
         line = (f"step {step}: train loss {train_summary['loss']:.4f} | "
                 f"eval loss {result['loss']:.4f} ppl {result['perplexity']:.2f} "
                 f"acc {result['accuracy']:.4f} | "
                 f"{train_summary['target_tokens_per_second']:.0f} target tok/s")
+        if config.bleu_every_steps and (step % config.bleu_every_steps == 0 or last):
+          translator.params = state.params
+          bleu = evaluation.score_split(translator, *eval_text, workdir,
+                                        f'{config.eval_split}-step{step}')['bleu']
+          improved = best.update(state, bleu)
+          result['bleu'] = bleu
+          line += f" | {config.eval_split} BLEU {bleu:.2f}{' (best)' if improved else ''}"
+        for name, value in result.items():
+          writer.scalar(f'eval/{name}', value, step)
+        writer.flush()
         bar.write(line)
         logging.info(line)
         window_start = time.perf_counter()  # Do not count eval time as training time.
 
-      if step % config.checkpoint_every_steps == 0 or last:
+      stop_early = bool(config.bleu_every_steps and config.patience and
+                        best.evaluations_since_best(step, config.bleu_every_steps)
+                        >= config.patience)
+      if step % config.checkpoint_every_steps == 0 or last or stop_early:
         checkpoints.save(manager, state)
+      if stop_early:
+        message = (f'Early stopping at step {step}: no BLEU improvement in {config.patience} '
+                   f'evaluations (best {best.bleu:.2f} at step {best.step})')
+        bar.write(message)
+        logging.info(message)
+        break
   finally:
     bar.close()
     writer.close()
     manager.wait_until_finished()
     manager.close()
+
+  if config.test_split:
+    params = state.params
+    if best.step >= 0:
+      params = checkpoints.restore_latest(best.manager, state).params
+    translator.params = params
+    result = evaluation.score_split(
+        translator, *data.load_pairs(config, config.test_split, workdir), workdir,
+        f'{config.test_split}-' + (f'best-step{best.step}' if best.step >= 0
+                                    else f'step{int(state.step)}'))
+    report = (f'{config.test_split} ({"best" if best.step >= 0 else "last"} checkpoint):\n'
+              + scoring.report(result))
+    print(report)
+    logging.info(report)
+  best.manager.close()
   return state

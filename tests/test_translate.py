@@ -1,0 +1,144 @@
+"""Translation and scoring: sacreBLEU parity, batching invariance, the eval/translate modes."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import sacrebleu
+
+from tests.conftest import REPO, tiny_config
+from transformer_jax import evaluation, scoring, sharding, train, translate
+from transformer_jax.tokenizer import EOS_ID
+
+
+def test_scores_match_sacrebleu_called_directly():
+  hyps = ['The cat sat on the mat.', 'A dog runs in the park!', 'two men , one ball', '']
+  refs = ['The cat sat on a mat.', 'A dog is running in the park!', 'Two men, one ball.', 'x']
+  result = scoring.score(hyps, refs)
+  assert result['bleu'] == sacrebleu.corpus_bleu(hyps, [refs]).score
+  assert result['bleu_lowercase'] == sacrebleu.corpus_bleu(hyps, [refs], lowercase=True).score
+  assert result['chrf'] == sacrebleu.corpus_chrf(hyps, [refs]).score
+  assert result['bleu_lowercase'] > result['bleu'] > 0
+  assert result['bleu_signature'].startswith('nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp')
+  assert 'case:lc' in result['bleu_lowercase_signature']
+  with pytest.raises(ValueError, match='3 hypotheses but 4 references'):
+    scoring.score(hyps[:3], refs)
+
+
+@pytest.fixture(scope='module')
+def trained(small_text_dir, tmp_path_factory):
+  """A tiny model trained for 100 steps with validation BLEU and a final test score."""
+  workdir = str(tmp_path_factory.mktemp('trained'))
+  config = tiny_config(small_text_dir, num_train_steps=100, bleu_every_steps=50, test_split='val',
+                       eval_every_steps=50, checkpoint_every_steps=50, learning_rate=3e-3,
+                       schedule='constant', dropout_rate=0.0, attention_dropout_rate=0.0)
+  state = train.train_and_evaluate(config, workdir)
+  return config, workdir, state
+
+
+def test_training_keeps_best_bleu_checkpoint_and_scores_test(trained):
+  config, workdir, state = trained
+  assert int(state.step) == 100
+  with open(os.path.join(workdir, 'best', 'score.json'), encoding='utf-8') as f:
+    best = json.load(f)
+  assert best['step'] in (50, 100) and 0 <= best['bleu'] <= 100
+  assert sorted(os.listdir(os.path.join(workdir, 'best'))) == [str(best['step']), 'score.json']
+  names = sorted(os.listdir(os.path.join(workdir, 'translations')))
+  assert 'val-step50.txt' in names and 'val-step100.txt' in names
+  assert f"val-best-step{best['step']}.txt" in names  # the final test score
+  with open(os.path.join(workdir, 'translations', 'val-step100.txt'), encoding='utf-8') as f:
+    assert len(f.read().splitlines()) == 64  # one line per source line
+  log = open(os.path.join(workdir, 'train.log'), encoding='utf-8').read()
+  assert 'val BLEU' in log
+
+
+def test_batch_of_sentences_equals_each_sentence_alone(trained):
+  config, workdir, _ = trained
+  for decoding in ('beam', 'greedy'):
+    config = tiny_config(config.data_dir, decoding=decoding, beam_size=3)
+    translator, _ = evaluation.load_translator(config, workdir, 'latest')
+    rng = np.random.default_rng(0)
+    sources = [np.append(rng.integers(4, 300, size=n), EOS_ID).astype(np.int32)
+               for n in (3, 17, 9, 30, 1, 12)]
+    together = translator.translate_ids(sources)
+    for src, out in zip(sources, together):
+      alone = translator.translate_ids([src])[0]
+      np.testing.assert_array_equal(out, alone)
+    assert any(len(o) > 0 for o in together)
+
+
+def run_main(*args, stdin=None):
+  return subprocess.run([sys.executable, '-m', 'transformer_jax.main', *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=600, input=stdin)
+
+
+def _config_flags(config):
+  return ['--config=configs/mt.py:tiny', '--config.dataset_name=text',
+          f'--config.data_dir={config.data_dir}', '--config.eval_split=val',
+          '--config.test_split=val', f'--config.vocab_size={config.vocab_size}']
+
+
+def test_translate_mode_keeps_line_count_order_empty_and_long_lines(trained, tmp_path):
+  config, workdir, _ = trained
+  long_line = ' '.join(['Ein Mann fährt mit dem Fahrrad durch die Stadt.'] * 8)
+  lines = ['Ein Hund läuft.', '', 'Zwei Kinder spielen im Sand.', long_line, '   ', 'Hallo']
+  (tmp_path / 'in.txt').write_text('\n'.join(lines) + '\n', encoding='utf-8')
+  proc = run_main(*_config_flags(config), f'--workdir={workdir}', '--mode=translate',
+                  f'--input={tmp_path}/in.txt', f'--output={tmp_path}/out.txt')
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  out = (tmp_path / 'out.txt').read_text(encoding='utf-8').split('\n')
+  assert out[-1] == '' and len(out[:-1]) == len(lines)
+  assert out[1] == '' and out[4] == ''
+  assert all(out[i] for i in (0, 2, 3, 5))
+  assert 'longer than max_source_length' in proc.stderr
+  # Same translations through stdin/stdout, and line by line: the order is kept.
+  piped = run_main(*_config_flags(config), f'--workdir={workdir}', '--mode=translate',
+                   stdin='\n'.join(lines) + '\n')
+  assert piped.stdout.split('\n') == out
+  translator, _ = evaluation.load_translator(config, workdir, 'best')
+  assert [translator.translate([line])[0] for line in lines] == out[:-1]
+
+
+def test_eval_mode_prints_sacrebleu_report(trained):
+  config, workdir, _ = trained
+  proc = run_main(*_config_flags(config), f'--workdir={workdir}', '--mode=eval',
+                  '--split=val', '--checkpoint=latest', '--config.decoding=greedy')
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert 'val (step100, greedy)' in proc.stdout
+  lines = proc.stdout.splitlines()
+  assert lines[1].startswith('bleu ') and 'nrefs:1|case:mixed|eff:no|tok:13a' in lines[1]
+  assert lines[2].startswith('bleu_lowercase ') and 'case:lc' in lines[2]
+  assert lines[3].startswith('chrf ') and 'nc:6|nw:0' in lines[3]
+  assert os.path.exists(os.path.join(workdir, 'translations', 'val-step100.txt'))
+
+
+def test_checkpoint_averaging_averages_parameters(trained):
+  config, workdir, _ = trained
+  config = tiny_config(config.data_dir, average_checkpoints=2)
+  translator, name = evaluation.load_translator(config, workdir)
+  assert name == 'avg2-step100'
+  from transformer_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh()
+  _, _, state = train.create_state(config, translator.sp.vocab_size(), mesh)
+  manager = checkpoints.make_manager(workdir, 3)
+  p20 = checkpoints.restore(manager, state, 50).params
+  p40 = checkpoints.restore(manager, state, 100).params
+  manager.close()
+  for avg, a, b in zip(jax.tree.leaves(translator.params), jax.tree.leaves(p20),
+                       jax.tree.leaves(p40)):
+    np.testing.assert_allclose(avg, (a + b) / 2, rtol=1e-6)
+
+
+def test_early_stopping_after_patience_evaluations_without_gain(small_text_dir, tmp_path):
+  # A learning rate too small to change the translations: BLEU never improves.
+  config = tiny_config(small_text_dir, bleu_every_steps=10, eval_every_steps=10, patience=2,
+                       num_train_steps=200, learning_rate=1e-9, schedule='constant',
+                       test_split='', decode_max_length_ratio=0.5, decode_max_length_offset=2)
+  state = train.train_and_evaluate(config, str(tmp_path))
+  # Best at step 10; steps 20 and 30 bring no gain: stop at 30, with a checkpoint there.
+  assert int(state.step) == 30
+  assert '30' in os.listdir(tmp_path / 'checkpoints')
+  assert 'Early stopping at step 30' in (tmp_path / 'train.log').read_text()

@@ -1,0 +1,202 @@
+"""Model-agnostic search over output sequences: beam search, greedy and sampling.
+
+Each function drives a callback
+
+  tokens_to_logits(tokens int32 [N], cache, index int32 scalar) -> (logits float32 [N, V], cache)
+
+that scores the next token at position `index` given the previous token (BOS at index 0)
+and a cache whose leaves all have N as their leading axis (for `Transformer`:
+`init_cache` + `decode_step`, keys/values of earlier positions and of the source computed
+once). Everything runs inside `jax.lax.while_loop`, so a search jits into one program
+whose shape depends only on (batch size, source length, max_length).
+
+Output sequences are int32 [..., max_length]: the generated tokens, EOS included, then
+zeros (PAD_ID). `max_lengths` int32 [B] caps each sentence's length, EOS included; EOS
+is forced at the last allowed position.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from transformer_jax.tokenizer import BOS_ID, EOS_ID
+
+NEG_INF = -1.0e9  # Finite, so that -inf - -inf never makes a NaN.
+TokensToLogits = Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
+
+
+def length_penalty(length: jax.Array, alpha: float) -> jax.Array:
+  """GNMT length penalty ((5 + |Y|) / 6)^alpha (Wu et al. 2016, eq. 14); 1 when alpha=0."""
+  return ((5.0 + length.astype(jnp.float32)) / 6.0) ** alpha
+
+
+def _force_eos(log_probs: jax.Array, index: jax.Array, max_lengths: jax.Array) -> jax.Array:
+  """log_probs [B, ..., V]: only EOS is allowed where index is the last position."""
+  last = (index >= max_lengths - 1).reshape((-1,) + (1,) * (log_probs.ndim - 1))
+  not_eos = jnp.arange(log_probs.shape[-1]) != EOS_ID
+  return jnp.where(last & not_eos, NEG_INF, log_probs)
+
+
+def _gather_beams(tree, beam_indices: jax.Array):
+  """Selects beams: leaves [B, K, ...] indexed by beam_indices int32 [B, K'] -> [B, K', ...]."""
+  return jax.tree.map(lambda x: jnp.take_along_axis(
+      x, beam_indices.reshape(beam_indices.shape + (1,) * (x.ndim - 2)), axis=1), tree)
+
+
+def _split(tree, batch_size: int, beam_size: int):
+  return jax.tree.map(lambda x: x.reshape((batch_size, beam_size) + x.shape[1:]), tree)
+
+
+def _merge(tree):
+  return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), tree)
+
+
+def beam_search(tokens_to_logits: TokensToLogits, cache, max_lengths: jax.Array,
+                max_length: int, beam_size: int, alpha: float = 0.6
+                ) -> tuple[jax.Array, jax.Array]:
+  """Beam search with the GNMT length penalty (Wu et al. 2016, section 7).
+
+  A hypothesis ending in EOS at length n scores log P(Y|X) / ((5 + n) / 6)^alpha. Each step
+  extends the live beams by every token, keeps the 2K best extensions, moves those among
+  the K best that end in EOS to the finished set (top K by score) and keeps the K best
+  others alive. A sentence
+  stops when no live beam can beat its K-th best finished hypothesis any more (log
+  probabilities only fall and, for alpha >= 0, the penalty is largest at the maximum
+  length) or when it reaches its maximum length; the search stops when all have.
+
+  Args:
+    tokens_to_logits: the model callback (module docstring).
+    cache: decoding cache for the B source sentences, leaves [B, ...]; expanded to
+      B * beam_size rows here.
+    max_lengths: int32 [B], each sentence's maximum output length (EOS included),
+      at most max_length.
+    max_length: static output length of the returned arrays.
+    beam_size: K.
+    alpha: length penalty exponent (>= 0).
+
+  Returns:
+    sequences int32 [B, K, max_length], best first (EOS-terminated, 0-padded), and their
+    scores float32 [B, K].
+  """
+  batch_size = max_lengths.shape[0]
+  k = beam_size
+  cache = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), cache)  # [B*K, ...]
+  init = {
+      'index': jnp.array(0, jnp.int32),
+      'last_tokens': jnp.full((batch_size, k), BOS_ID, jnp.int32),
+      'live_seqs': jnp.zeros((batch_size, k, max_length), jnp.int32),
+      # Only beam 0 is live at the start, so the K beams do not repeat each other.
+      'live_log_probs': jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1)), (batch_size, 1)),
+      'finished_seqs': jnp.zeros((batch_size, k, max_length), jnp.int32),
+      'finished_scores': jnp.full((batch_size, k), NEG_INF),
+      'cache': cache,
+  }
+
+  def done(state) -> jax.Array:
+    """bool [B]: nothing live can still enter the K best finished hypotheses."""
+    best_possible = (jnp.max(state['live_log_probs'], axis=1)
+                     / length_penalty(max_lengths, alpha))
+    worst_finished = jnp.min(state['finished_scores'], axis=1)
+    no_live = jnp.max(state['live_log_probs'], axis=1) <= NEG_INF / 2
+    return no_live | (worst_finished > best_possible) | (state['index'] >= max_lengths)
+
+  def cond(state):
+    return (state['index'] < max_length) & ~jnp.all(done(state))
+
+  def body(state):
+    index = state['index']
+    logits, cache = tokens_to_logits(state['last_tokens'].reshape(-1), state['cache'], index)
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(batch_size, k, -1)
+    log_probs = _force_eos(log_probs, index, max_lengths)
+    vocab_size = log_probs.shape[-1]
+    candidates = (state['live_log_probs'][..., None] + log_probs).reshape(batch_size, -1)
+    cand_log_probs, flat = jax.lax.top_k(candidates, 2 * k)  # [B, 2K]
+    parents, tokens = flat // vocab_size, flat % vocab_size
+    cand_seqs = _gather_beams(state['live_seqs'], parents)  # [B, 2K, L]
+    cand_seqs = jax.lax.dynamic_update_slice_in_dim(
+        cand_seqs, tokens[..., None], index, axis=2)
+    is_eos = tokens == EOS_ID
+    dead = cand_log_probs <= NEG_INF / 2
+
+    # Finished: EOS candidates among the K best join the finished set (as in fairseq;
+    # with K = 1 this is exactly greedy decoding); keep the set's K best.
+    in_top_k = jnp.arange(2 * k) < k
+    new_scores = jnp.where(is_eos & in_top_k & ~dead,
+                           cand_log_probs / length_penalty(index + 1, alpha), NEG_INF)
+    all_scores = jnp.concatenate([state['finished_scores'], new_scores], axis=1)
+    all_seqs = jnp.concatenate([state['finished_seqs'], cand_seqs], axis=1)
+    finished_scores, top = jax.lax.top_k(all_scores, k)
+    finished_seqs = _gather_beams(all_seqs, top)
+
+    # Live: the K best candidates that did not end.
+    live_candidates = jnp.where(is_eos, NEG_INF, cand_log_probs)
+    live_log_probs, top = jax.lax.top_k(live_candidates, k)
+    live_seqs = _gather_beams(cand_seqs, top)
+    last_tokens = jnp.take_along_axis(tokens, top, axis=1)
+    cache = _merge(_gather_beams(_split(cache, batch_size, k),
+                                 jnp.take_along_axis(parents, top, axis=1)))
+
+    # Sentences already done keep their finished set as it was.
+    stop = done(state)[:, None]
+    return {
+        'index': index + 1,
+        'last_tokens': last_tokens,
+        'live_seqs': live_seqs,
+        'live_log_probs': jnp.where(stop, NEG_INF, live_log_probs),
+        'finished_seqs': jnp.where(stop[..., None], state['finished_seqs'], finished_seqs),
+        'finished_scores': jnp.where(stop, state['finished_scores'], finished_scores),
+        'cache': cache,
+    }
+
+  state = jax.lax.while_loop(cond, body, init)
+  return state['finished_seqs'], state['finished_scores']
+
+
+def sample(tokens_to_logits: TokensToLogits, cache, max_lengths: jax.Array, max_length: int,
+           rng: jax.Array | None = None, temperature: float = 1.0, top_k: int = 0
+           ) -> jax.Array:
+  """Greedy decoding (rng=None) or ancestral sampling from softmax(logits / temperature),
+  restricted to the top_k most likely tokens when top_k > 0.
+
+  Args:
+    tokens_to_logits: the model callback (module docstring).
+    cache: decoding cache, leaves [B, ...].
+    max_lengths: int32 [B], maximum output lengths (EOS included).
+    max_length: static output length.
+    rng: PRNG key for sampling; None decodes greedily (argmax).
+    temperature: > 0; divides the logits before sampling.
+    top_k: sample among this many best tokens; 0 = all.
+
+  Returns:
+    sequences int32 [B, max_length], EOS-terminated and 0-padded.
+  """
+  batch_size = max_lengths.shape[0]
+  init = {'index': jnp.array(0, jnp.int32),
+          'last_tokens': jnp.full((batch_size,), BOS_ID, jnp.int32),
+          'seqs': jnp.zeros((batch_size, max_length), jnp.int32),
+          'finished': jnp.zeros((batch_size,), bool),
+          'cache': cache}
+
+  def cond(state):
+    return (state['index'] < max_length) & ~jnp.all(state['finished'])
+
+  def body(state):
+    index = state['index']
+    logits, cache = tokens_to_logits(state['last_tokens'], state['cache'], index)
+    logits = _force_eos(logits.astype(jnp.float32), index, max_lengths)
+    if rng is None:
+      tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    else:
+      logits = logits / temperature
+      if top_k:
+        kth_best = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth_best, NEG_INF, logits)
+      tokens = jax.random.categorical(jax.random.fold_in(rng, index), logits).astype(jnp.int32)
+    tokens = jnp.where(state['finished'], 0, tokens)
+    return {'index': index + 1, 'last_tokens': tokens,
+            'seqs': state['seqs'].at[:, index].set(tokens),
+            'finished': state['finished'] | (tokens == EOS_ID), 'cache': cache}
+
+  return jax.lax.while_loop(cond, body, init)['seqs']

@@ -1,0 +1,135 @@
+"""Sentences in, translations out: batching by length, jitted search, detokenization.
+
+`Translator.translate(sentences)` keeps the number and order of lines. Sources are
+grouped into length buckets and every batch of a bucket has one shape, so the search
+compiles once per bucket. An empty line gives an empty line. A source longer than
+`max_source_length` is translated in full (in a bucket of its own length, rounded up to a
+multiple of 64) with a warning.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from transformer_jax import data
+from transformer_jax import decode
+from transformer_jax import models
+from transformer_jax import sharding
+from transformer_jax.tokenizer import EOS_ID
+
+_LONG_QUANTUM = 64  # Over-long sources are padded to a multiple of this.
+
+
+def max_output_length(source_length, ratio: float, offset: int):
+  """Output cap (EOS included) for a source of `source_length` tokens: ratio * len + offset."""
+  return np.ceil(np.asarray(source_length) * ratio).astype(np.int32) + offset
+
+
+class Translator:
+  """Decodes with `config.decoding` ('beam', 'greedy' or 'sample').
+
+  Args:
+    model: the Transformer.
+    params: its parameters (replicated over `mesh`).
+    sp: the SentencePiece processor.
+    config: the run config (max_source_length, length_bucket_step, decoding, beam_size,
+      length_penalty, temperature, top_k, decode_max_length_ratio,
+      decode_max_length_offset, decode_batch_tokens, seed).
+    mesh: devices; batch rows are split over its 'data' axis.
+  """
+
+  def __init__(self, model: models.Transformer, params, sp, config, mesh):
+    self.model, self.params, self.sp, self.config, self.mesh = model, params, sp, config, mesh
+    self.lengths = data.bucket_lengths(config.max_source_length, config.length_bucket_step)
+    self._compiled = {}
+
+  def _rows(self, length: int) -> int:
+    """Batch rows for sources padded to `length`: decode_batch_tokens / (length * beams)."""
+    beams = self.config.beam_size if self.config.decoding == 'beam' else 1
+    n = self.mesh.size
+    return max(n, self.config.decode_batch_tokens // (length * beams) // n * n)
+
+  def _search_fn(self, source_length: int):
+    if source_length not in self._compiled:
+      cfg = self.config
+      max_length = int(max_output_length(source_length, cfg.decode_max_length_ratio,
+                                         cfg.decode_max_length_offset))
+      self._compiled[source_length] = jax.jit(
+          functools.partial(_search, model=self.model, config=cfg, max_length=max_length),
+          in_shardings=(sharding.replicated(self.mesh), sharding.batch_sharding(self.mesh),
+                        sharding.batch_sharding(self.mesh)),
+          out_shardings=sharding.batch_sharding(self.mesh))
+    return self._compiled[source_length]
+
+  def _bucket(self, length: int) -> int:
+    for bucket in self.lengths:
+      if length <= bucket:
+        return bucket
+    return math.ceil(length / _LONG_QUANTUM) * _LONG_QUANTUM
+
+  def translate_ids(self, sources: list[np.ndarray]) -> list[np.ndarray]:
+    """EOS-terminated source ids -> output ids without EOS, in the same order."""
+    cfg = self.config
+    outputs: list[np.ndarray | None] = [None] * len(sources)
+    by_bucket: dict[int, list[int]] = {}
+    for i, ids in enumerate(sources):
+      by_bucket.setdefault(self._bucket(len(ids)), []).append(i)
+    for length, indices in sorted(by_bucket.items()):
+      rows = self._rows(length)
+      search = self._search_fn(length)
+      for start in range(0, len(indices), rows):
+        chunk = indices[start:start + rows]
+        inputs = np.zeros((rows, length), np.int32)
+        for row, i in enumerate(chunk):
+          inputs[row, :len(sources[i])] = sources[i]
+        caps = np.ones((rows,), np.int32)
+        caps[:len(chunk)] = max_output_length([len(sources[i]) for i in chunk],
+                                              cfg.decode_max_length_ratio,
+                                              cfg.decode_max_length_offset)
+        batch = sharding.put_batch({'inputs': inputs, 'caps': caps}, self.mesh)
+        seqs = np.asarray(jax.device_get(search(self.params, batch['inputs'], batch['caps'])))
+        for row, i in enumerate(chunk):
+          out = seqs[row]
+          end = np.flatnonzero(out == EOS_ID)
+          outputs[i] = out[:end[0]] if end.size else out[out != 0]
+    return outputs
+
+  def translate(self, sentences: list[str]) -> list[str]:
+    """Raw sentences -> detokenized translations, one per input line, same order."""
+    cfg = self.config
+    todo = [i for i, s in enumerate(sentences) if s.strip()]
+    sources = [np.asarray(ids + [EOS_ID], np.int32)
+               for ids in self.sp.encode([sentences[i] for i in todo])]
+    too_long = [todo[j] + 1 for j, ids in enumerate(sources) if len(ids) > cfg.max_source_length]
+    if too_long:
+      logging.warning('%d lines are longer than max_source_length=%d tokens and are translated '
+                      'in full, beyond the lengths seen in training (lines %s)', len(too_long),
+                      cfg.max_source_length, too_long[:10])
+    results = [''] * len(sentences)
+    for i, ids in zip(todo, self.translate_ids(sources)):
+      results[i] = self.sp.decode(ids.tolist())
+    return results
+
+
+def _search(params, inputs: jax.Array, caps: jax.Array, *, model: models.Transformer, config,
+            max_length: int) -> jax.Array:
+  """inputs int32 [B, S], caps int32 [B] -> best sequences int32 [B, max_length]."""
+  cache = model.apply({'params': params}, inputs, max_length, method=models.Transformer.init_cache)
+
+  def tokens_to_logits(tokens, cache, index):
+    return model.apply({'params': params}, cache, tokens, index,
+                       method=models.Transformer.decode_step)
+
+  caps = jnp.minimum(caps, max_length)
+  if config.decoding == 'beam':
+    seqs, _ = decode.beam_search(tokens_to_logits, cache, caps, max_length, config.beam_size,
+                                 config.length_penalty)
+    return seqs[:, 0]
+  rng = jax.random.PRNGKey(config.seed) if config.decoding == 'sample' else None
+  return decode.sample(tokens_to_logits, cache, caps, max_length, rng, config.temperature,
+                       config.top_k)
