@@ -186,6 +186,29 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     return _train(config, workdir, loss_fn)
 
 
+def _summarize(pending: list[dict], tokens: int, seconds: float) -> dict:
+  """Means of the per-step train metrics since the last log, plus throughput."""
+  summary = {k: float(np.mean(v)) for k, v in
+             jax.tree.map(lambda *x: np.stack(x), *jax.device_get(pending)).items()}
+  summary['steps_per_second'] = len(pending) / seconds
+  summary['target_tokens_per_second'] = tokens / seconds  # Real (non-pad) target tokens.
+  return summary
+
+
+def _eval_line(step: int, train: dict, result: dict, split: str, improved: bool) -> str:
+  line = (f"step {step}: train loss {train['loss']:.4f} | eval loss {result['loss']:.4f} "
+          f"ppl {result['perplexity']:.2f} acc {result['accuracy']:.4f} | "
+          f"{train['target_tokens_per_second']:.0f} target tok/s")
+  if 'bleu' in result:
+    line += f" | {split} BLEU {result['bleu']:.2f}{' (best)' if improved else ''}"
+  return line
+
+
+def _log(bar: tqdm.tqdm, message: str) -> None:
+  bar.write(message)
+  logging.info(message)
+
+
 def _train(config, workdir: str, loss_fn: losses.LossFn) -> TrainState:
   mesh = sharding.make_mesh()
   logging.info('Devices: %s', mesh.devices)
@@ -193,6 +216,7 @@ def _train(config, workdir: str, loss_fn: losses.LossFn) -> TrainState:
   # Data and tokenizer.
   train_src, train_tgt = data.load_pairs(config, config.train_split, workdir)
   eval_text = data.load_pairs(config, config.eval_split, workdir)
+  test_text = data.load_pairs(config, config.test_split, workdir) if config.test_split else None
   sp = load_or_train_tokenizer(config, workdir, train_src + train_tgt)
   train_src, train_tgt = data.tokenize_pairs(sp, train_src, train_tgt, config)
   eval_src, eval_tgt = data.tokenize_pairs(sp, *eval_text, config)
@@ -202,7 +226,6 @@ def _train(config, workdir: str, loss_fn: losses.LossFn) -> TrainState:
 
   # Model, optimizer, state.
   model, optimizer, state = create_state(config, sp.vocab_size(), mesh)
-  schedule = optim.learning_rate_schedule(config)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info('Model: %s parameters, vocab %d', f'{num_params:,}', sp.vocab_size())
   manager = checkpoints.make_manager(workdir, config.keep_checkpoints)
@@ -213,7 +236,7 @@ def _train(config, workdir: str, loss_fn: losses.LossFn) -> TrainState:
   replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   p_train_step = jax.jit(
       functools.partial(train_step, model=model, optimizer=optimizer, loss_fn=loss_fn,
-                        schedule=schedule, seed=config.seed),
+                        schedule=optim.learning_rate_schedule(config), seed=config.seed),
       in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
       donate_argnums=0)
   p_eval_step = jax.jit(functools.partial(eval_step, model=model),
@@ -236,40 +259,29 @@ def _train(config, workdir: str, loss_fn: losses.LossFn) -> TrainState:
       bar.update(1)
       last = step == config.num_train_steps
       do_eval = step % config.eval_every_steps == 0 or last
+      do_bleu = config.bleu_every_steps and (step % config.bleu_every_steps == 0 or last)
 
       if step % config.log_every_steps == 0 or do_eval:
-        summary = {k: float(np.mean(v)) for k, v in
-                   jax.tree.map(lambda *x: np.stack(x), *jax.device_get(pending)).items()}
-        elapsed = time.perf_counter() - window_start
-        summary['steps_per_second'] = len(pending) / elapsed
-        summary['target_tokens_per_second'] = tokens / elapsed
-        for name, value in summary.items():
+        train_summary = _summarize(pending, tokens, time.perf_counter() - window_start)
+        for name, value in train_summary.items():
           writer.scalar(f'train/{name}', value, step)
-        bar.set_postfix(loss=f"{summary['loss']:.3f}",
-                        tok_s=f"{summary['target_tokens_per_second']:.0f}")
-        train_summary = summary
-        pending, tokens, window_start = [], 0, time.perf_counter()
+        bar.set_postfix(loss=f"{train_summary['loss']:.3f}",
+                        tok_s=f"{train_summary['target_tokens_per_second']:.0f}")
+        pending, tokens = [], 0
 
       if do_eval:
         result = evaluate(p_eval_step, state.params, batcher, eval_ds, mesh,
                           config.num_eval_batches)
-        line = (f"step {step}: train loss {train_summary['loss']:.4f} | "
-                f"eval loss {result['loss']:.4f} ppl {result['perplexity']:.2f} "
-                f"acc {result['accuracy']:.4f} | "
-                f"{train_summary['target_tokens_per_second']:.0f} target tok/s")
-        if config.bleu_every_steps and (step % config.bleu_every_steps == 0 or last):
+        improved = False
+        if do_bleu:
           translator.params = state.params
-          bleu = evaluation.score_split(translator, *eval_text, workdir,
-                                        f'{config.eval_split}-step{step}')['bleu']
-          improved = best.update(state, bleu)
-          result['bleu'] = bleu
-          line += f" | {config.eval_split} BLEU {bleu:.2f}{' (best)' if improved else ''}"
+          result['bleu'] = evaluation.score_split(translator, *eval_text, workdir,
+                                                  f'{config.eval_split}-step{step}')['bleu']
+          improved = best.update(state, result['bleu'])
         for name, value in result.items():
           writer.scalar(f'eval/{name}', value, step)
         writer.flush()
-        bar.write(line)
-        logging.info(line)
-        window_start = time.perf_counter()  # Do not count eval time as training time.
+        _log(bar, _eval_line(step, train_summary, result, config.eval_split, improved))
 
       stop_early = bool(config.bleu_every_steps and config.patience and
                         best.evaluations_since_best(step, config.bleu_every_steps)
@@ -277,24 +289,24 @@ def _train(config, workdir: str, loss_fn: losses.LossFn) -> TrainState:
       if step % config.checkpoint_every_steps == 0 or last or stop_early:
         checkpoints.save(manager, state)
       if stop_early:
-        message = (f'Early stopping at step {step}: no BLEU improvement in {config.patience} '
-                   f'evaluations (best {best.bleu:.2f} at step {best.step})')
-        bar.write(message)
-        logging.info(message)
+        _log(bar, f'Early stopping at step {step}: no BLEU improvement in {config.patience} '
+                  f'evaluations (best {best.bleu:.2f} at step {best.step})')
         break
+      if step % config.log_every_steps == 0 or do_eval:
+        window_start = time.perf_counter()  # Eval and checkpoint time is not training time.
   finally:
     bar.close()
     writer.close()
     manager.wait_until_finished()
     manager.close()
 
-  if config.test_split:
+  if test_text:
     params = state.params
     if best.step >= 0:
       params = checkpoints.restore_latest(best.manager, state).params
     translator.params = params
     result = evaluation.score_split(
-        translator, *data.load_pairs(config, config.test_split, workdir), workdir,
+        translator, *test_text, workdir,
         f'{config.test_split}-' + (f'best-step{best.step}' if best.step >= 0
                                     else f'step{int(state.step)}'))
     report = (f'{config.test_split} ({"best" if best.step >= 0 else "last"} checkpoint):\n'
