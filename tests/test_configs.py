@@ -1,0 +1,52 @@
+"""Every config file in configs/ loads and passes the schema; the schema rejects bad values."""
+import glob
+import importlib.util
+import os
+
+import ml_collections
+import pytest
+
+from tests.conftest import REPO
+from transformer_jax import config_schema
+from configs import mt
+
+CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(REPO, 'configs', '*.py'))
+                      if not p.endswith('__init__.py'))
+
+
+@pytest.mark.parametrize('path', CONFIG_FILES, ids=os.path.basename)
+def test_config_file_is_valid(path):
+  spec = importlib.util.spec_from_file_location('config_under_test', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config_schema.validate(module.get_config())
+
+
+def test_schema_covers_exactly_the_default_fields():
+  assert set(mt.get_config().keys()) == set(config_schema.SCHEMA)
+  config_schema.validate(mt.get_config('tiny'))
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('d_model', 250, 'must be divisible by config.num_heads=4'),
+    ('num_train_steps', -1, 'must be >= 0'),
+    ('dropout_rate', 1.0, 'must be in [0, 1)'),
+    ('beam_size', 0, 'must be > 0'),
+    ('target_lang', 'de', 'must differ from config.source_lang'),
+    ('vocab_size', 4, 'must be > 4'),
+    ('share_embeddings', 1, 'must be of type bool'),
+    ('learning_rate', '1e-3', 'must be of type float'),
+])
+def test_bad_values_name_the_field(field, value, message):
+  # A config file may build any types: start from a plain dict, not the typed defaults.
+  config = ml_collections.ConfigDict({**mt.get_config().to_dict(), field: value})
+  with pytest.raises(config_schema.ConfigError, match=f'config.{field}') as e:
+    config_schema.validate(config)
+  assert message in str(e.value)
+
+
+def test_unknown_field_is_an_error():
+  config = mt.get_config()
+  config.d_modle = 128
+  with pytest.raises(config_schema.ConfigError, match='config.d_modle: unknown field'):
+    config_schema.validate(config)
