@@ -17,6 +17,8 @@ def run_main(*args, **kwargs):
 
 @pytest.mark.parametrize('flag, message', [
     ('--config.no_such_field=1', 'error: --config.no_such_field: unknown config field'),
+    ('--config.d_modle=128',
+     'error: --config.d_modle: unknown config field (did you mean d_model?)'),
     ('--config.num_train_steps=abc', "error: flag --config.num_train_steps=abc: invalid literal"),
     ('--config.num_train_steps=-5', 'error: config.num_train_steps=-5: must be >= 0'),
     ('--config.d_model=30', 'error: config.d_model=30: must be divisible by config.num_heads=4'),
@@ -31,6 +33,8 @@ def test_bad_option_stops_with_one_line_before_any_work(flag, message, tmp_path)
   assert proc.returncode != 0
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert len(lines) == 1 and lines[0].startswith(message), proc.stderr
+  if 'd_modle' in flag:
+    assert lines[0] == message
   assert not workdir.exists()
 
 
@@ -38,7 +42,9 @@ def test_missing_data_dir_names_the_folder(tmp_path):
   proc = run_main('--config=configs/mt.py:tiny', f'--workdir={tmp_path}',
                   f'--config.data_dir={tmp_path}/nope')
   assert proc.returncode == 1
-  assert proc.stderr.strip().splitlines()[-1] == f'error: {tmp_path}/nope: no such folder (the Multi30k data_dir)'
+  assert proc.stderr.strip().splitlines() == [
+      f"error: config.data_dir='{tmp_path}/nope': no such folder"]
+  assert os.listdir(tmp_path) == []  # Nothing written.
 
 
 def test_ctrl_c_leaves_a_restorable_checkpoint_and_rerun_resumes(data_dir, tmp_path):
@@ -56,10 +62,12 @@ def test_ctrl_c_leaves_a_restorable_checkpoint_and_rerun_resumes(data_dir, tmp_p
   proc.send_signal(signal.SIGINT)
   _, stderr = proc.communicate(timeout=120)
   assert proc.returncode == 130, stderr[-2000:]
-  assert 'interrupted: rerun with --workdir' in stderr
+  assert 'interrupted: checkpoint saved; rerun with --workdir' in stderr
   steps = sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
   assert steps and steps[-1] >= 10
   latest = steps[-1]
+  # The step reached at Ctrl-C was saved, whether or not it is a multiple of 5.
+  assert f'Interrupted: saved a checkpoint at step {latest}' in (tmp_path / 'train.log').read_text()
   # Rerun: restores the latest checkpoint and trains 5 more steps.
   done = run_main(*args, f'--config.num_train_steps={latest + 5}')
   assert done.returncode == 0, done.stderr[-2000:]
@@ -67,3 +75,25 @@ def test_ctrl_c_leaves_a_restorable_checkpoint_and_rerun_resumes(data_dir, tmp_p
   assert f'Restoring checkpoint at step {latest}' in log
   assert f'step {latest + 5}: train loss' in log
   assert str(latest + 5) in os.listdir(ckpt_dir)
+
+
+@pytest.mark.parametrize('make_files, message', [
+    (lambda d: [(d / f'train.{l}').write_text('') for l in ('de', 'en')],
+     "split 'train' of text ({d}) has no sentence pairs"),
+    (lambda d: None, 'no such file: tried {d}/train.de.gz and {d}/train.de'),
+])
+def test_bad_text_dataset_names_the_problem(make_files, message, tmp_path):
+  data = tmp_path / 'data'
+  data.mkdir()
+  make_files(data)
+  proc = run_main('--config=configs/mt.py:tiny', f'--workdir={tmp_path}/wd',
+                  '--config.dataset_name=text', f'--config.data_dir={data}',
+                  '--config.eval_split=train', '--config.test_split=')
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1] == 'error: ' + message.format(d=data)
+
+
+def test_eval_of_unknown_split_or_missing_workdir_is_one_line(tmp_path):
+  proc = run_main('--config=configs/mt.py', f'--workdir={tmp_path}/none', '--mode=eval')
+  assert proc.stderr.strip().splitlines() == [
+      f'error: --workdir={tmp_path}/none: no such folder (train a model there first)']

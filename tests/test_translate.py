@@ -142,3 +142,21 @@ def test_early_stopping_after_patience_evaluations_without_gain(small_text_dir, 
   assert int(state.step) == 30
   assert '30' in os.listdir(tmp_path / 'checkpoints')
   assert 'Early stopping at step 30' in (tmp_path / 'train.log').read_text()
+
+
+def test_eval_and_translate_errors_are_one_line(trained):
+  config, workdir, _ = trained
+  flags = [*_config_flags(config), f'--workdir={workdir}']
+  wrong_model = run_main(*flags, '--mode=translate', '--config.d_model=64', stdin='Hallo\n')
+  assert wrong_model.returncode == 1
+  assert wrong_model.stderr.strip().splitlines()[-1] == (
+      f'error: config.d_model=64, but the model in {workdir} was trained with 32: '
+      'pass --config.d_model=32')
+  bad_split = run_main(*flags, '--mode=eval', '--split=nosuch')
+  assert bad_split.returncode == 1
+  assert bad_split.stderr.strip().splitlines()[-1].startswith(
+      f'error: no such file: tried {config.data_dir}/nosuch.de.gz')
+  multi30k_split = run_main('--config=configs/mt.py:tiny', f'--workdir={workdir}',
+                            '--mode=eval', '--split=test')
+  assert multi30k_split.stderr.strip().splitlines()[-1] == (
+      "error: split 'test': Multi30k has the splits train, validation, test_2016")

@@ -6,6 +6,8 @@ does not silently fall back to a default.
 """
 from __future__ import annotations
 
+import json
+import os
 from typing import Any, Callable
 
 
@@ -117,3 +119,32 @@ def validate(config) -> None:
   if config.source_lang == config.target_lang:
     raise ConfigError(f'config.target_lang={config.target_lang!r}: must differ from '
                       'config.source_lang')
+
+
+# Fields that fix the shapes of the parameters: eval/translate must use the trained values.
+MODEL_FIELDS = ('d_model', 'num_heads', 'd_ff', 'num_encoder_layers', 'num_decoder_layers',
+                'share_embeddings', 'param_dtype')
+
+
+def save_model_config(config, vocab_size: int, workdir: str) -> None:
+  """Writes {workdir}/model_config.json: MODEL_FIELDS and the tokenizer's vocab size."""
+  fields = {name: config[name] for name in MODEL_FIELDS}
+  fields['vocab_size'] = vocab_size
+  path = os.path.join(workdir, 'model_config.json')
+  with open(path + '.tmp', 'w', encoding='utf-8') as f:
+    json.dump(fields, f, indent=1)
+  os.replace(path + '.tmp', path)
+
+
+def check_model_config(config, workdir: str) -> None:
+  """Raises ConfigError naming the first model field that differs from the one the
+  checkpoints in `workdir` were trained with (nothing to check if it has no record)."""
+  path = os.path.join(workdir, 'model_config.json')
+  if not os.path.exists(path):
+    return
+  with open(path, encoding='utf-8') as f:
+    trained = json.load(f)
+  for name in MODEL_FIELDS:
+    if name in trained and config[name] != trained[name]:
+      raise ConfigError(f'config.{name}={config[name]!r}, but the model in {workdir} was '
+                        f'trained with {trained[name]!r}: pass --config.{name}={trained[name]}')

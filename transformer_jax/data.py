@@ -41,15 +41,25 @@ def load_pairs(config, split: str, workdir: str) -> tuple[list[str], list[str]]:
 
   Raises:
     multi30k.DataError: a missing file, invalid UTF-8 or differing line counts, naming
-      the file and line.
-    ConfigError: an unsupported language pair for Multi30k.
+      the file and line; or a split without any sentence pair.
+    ConfigError: an unsupported language pair or an unknown split.
   """
+  sources, targets = _load_pairs(config, split, workdir)
+  if not sources:
+    raise multi30k.DataError(f'split {split!r} of {config.dataset_name} '
+                             f'({config.data_dir or "downloaded"}) has no sentence pairs')
+  return sources, targets
+
+
+def _load_pairs(config, split: str, workdir: str) -> tuple[list[str], list[str]]:
   src, tgt = config.source_lang, config.target_lang
   if config.dataset_name == 'text':
     pairs = list(multi30k.read_parallel(multi30k.find_file(config.data_dir, split, src),
                                         multi30k.find_file(config.data_dir, split, tgt)))
     return [p[0] for p in pairs], [p[1] for p in pairs]
   if config.dataset_name == 'multi30k':
+    if split.split('[')[0] not in multi30k.SPLITS:
+      raise ConfigError(f'split {split!r}: Multi30k has the splits {", ".join(multi30k.SPLITS)}')
     other = {src, tgt} - {'en'}
     if len(other) != 1 or not other <= set(multi30k.LANGUAGES):
       raise ConfigError(f'config.source_lang={src!r}, config.target_lang={tgt!r}: Multi30k '
@@ -57,8 +67,11 @@ def load_pairs(config, split: str, workdir: str) -> tuple[list[str], list[str]]:
     ds = multi30k.load_split(config.data_dir, f'{other.pop()}-en', split,
                              tfds_dir(config, workdir))
   else:
-    ds = tfds.load(config.dataset_name, split=split, data_dir=tfds_dir(config, workdir),
-                   download=True)
+    try:
+      ds = tfds.load(config.dataset_name, split=split, data_dir=tfds_dir(config, workdir),
+                     download=True)
+    except ValueError as e:  # Unknown split, or a bad dataset name.
+      raise ConfigError(f'{config.dataset_name} split {split!r}: {e}') from e
   sources, targets = [], []
   for examples in ds.batch(4096).as_numpy_iterator():
     sources.extend(s.decode('utf-8') for s in examples[src])

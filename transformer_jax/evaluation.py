@@ -15,6 +15,7 @@ from absl import logging
 import jax
 
 from transformer_jax import checkpoints
+from transformer_jax import config_schema
 from transformer_jax import data
 from transformer_jax import scoring
 from transformer_jax import sharding
@@ -46,8 +47,10 @@ def load_translator(config, workdir: str, checkpoint: str = 'best'
 
   Raises:
     FileNotFoundError: the workdir has no tokenizer or no checkpoint.
+    config_schema.ConfigError: a model field differs from the trained model's.
   """
   from transformer_jax import train  # pylint: disable=g-import-not-at-top (cycle)
+  config_schema.check_model_config(config, workdir)
   spm_path = os.path.join(workdir, 'tokenizer', 'spm.model')
   if not os.path.exists(spm_path):
     raise FileNotFoundError(f'{spm_path}: no tokenizer; is {workdir} a training workdir?')
@@ -88,7 +91,8 @@ def run_eval(config, workdir: str, split: str, checkpoint: str = 'best') -> dict
                        f'{split}-{name}')
   print(f'{split} ({name}, {config.decoding}'
         f'{f" beam {config.beam_size}" if config.decoding == "beam" else ""}):\n'
-        + scoring.report(result))
+        + scoring.report(result)
+        + f"\nhypotheses: {os.path.join(workdir, 'translations', f'{split}-{name}.txt')}")
   return result
 
 

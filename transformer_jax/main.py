@@ -11,6 +11,7 @@ stops with one line naming it, before anything heavy is imported or any file is 
 """
 import contextlib
 import os
+import re
 import sys
 
 from absl import app
@@ -47,8 +48,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     sys.exit(f'error: {lines[0]} {lines[-1]}' if len(lines) > 1 else f'error: {e}')
   except (KeyError, AttributeError) as e:  # An override of a field the config lacks.
-    name = str(e).strip('\'"')
-    sys.exit(f'error: --config.{name}: unknown config field')
+    names = re.findall(r"([A-Za-z_]\w*)\\*'", str(e))  # The message nests quotes.
+    hint = re.search(r'Did you mean "(\w+)"', str(e))
+    sys.exit(f'error: --config.{names[0] if names else e}: unknown config field'
+             + (f' (did you mean {hint.group(1)}?)' if hint else ''))
 
 
 def main(argv):
@@ -62,15 +65,21 @@ def main(argv):
   except OSError as e:  # ml_collections defers a config file's load error to first use.
     sys.exit(f'error: --config: cannot load the config file: {str(e).splitlines()[-1].strip()}')
   workdir = FLAGS.workdir or default_workdir(config)
-  print(f'workdir: {os.path.abspath(workdir)}', file=sys.stderr)
 
   if FLAGS.mode != 'train' and not os.path.isdir(workdir):
     sys.exit(f'error: --workdir={workdir}: no such folder (train a model there first)')
+  if config.dataset_name in ('multi30k', 'text') and config.data_dir and not os.path.isdir(
+      config.data_dir):
+    sys.exit(f'error: config.data_dir={config.data_dir!r}: no such folder')
+  print(f'workdir: {os.path.abspath(workdir)}', file=sys.stderr)
   if FLAGS.input and not os.path.isfile(FLAGS.input):
     sys.exit(f'error: --input={FLAGS.input}: no such file')
 
   # pylint: disable=g-import-not-at-top
+  from absl import logging
   from transformer_jax import evaluation, multi30k, train
+  if FLAGS.mode != 'train':
+    logging.set_verbosity(logging.WARNING)  # Keep stdout/stderr to results and problems.
   try:
     if FLAGS.mode == 'train':
       train.train_and_evaluate(config, workdir)
@@ -87,9 +96,14 @@ def main(argv):
           UnicodeDecodeError) as e:
     sys.exit(f'error: {e}')
   except KeyboardInterrupt:
-    print(f'interrupted: rerun with --workdir={workdir} to resume from its latest checkpoint',
-          file=sys.stderr)
-    sys.exit(130)
+    if FLAGS.mode == 'train':
+      print(f'interrupted: checkpoint saved; rerun with --workdir={workdir} to resume',
+            file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Checkpoints are complete (train waits for them). Skip the interpreter's teardown:
+    # tf.data and XLA threads still running can hang or crash it.
+    os._exit(130)
 
 
 if __name__ == '__main__':

@@ -25,11 +25,12 @@ _BASE_URL = (
 # Languages paired with English ('{lang}-en' configs).
 LANGUAGES = ("cs", "de", "fr")
 # tfds split name -> raw file prefix.
-_SPLIT_PREFIXES = {
+SPLIT_PREFIXES = {
     "train": "train",
     "validation": "val",
     "test_2016": "test_2016_flickr",
 }
+SPLITS = tuple(SPLIT_PREFIXES)
 _CITATION = """\
 @inproceedings{elliott-etal-2016-multi30k,
   title = {Multi30K: Multilingual English-German Image Descriptions},
@@ -221,12 +222,12 @@ class Multi30k(tfds.core.GeneratorBasedBuilder):
     if manual_dir:
       paths = {
           split: [find_file(manual_dir, prefix, lang) for lang in languages]
-          for split, prefix in _SPLIT_PREFIXES.items()
+          for split, prefix in SPLIT_PREFIXES.items()
       }
     else:
       urls = {
           split: [f"{_BASE_URL}{prefix}.{lang}.gz" for lang in languages]
-          for split, prefix in _SPLIT_PREFIXES.items()
+          for split, prefix in SPLIT_PREFIXES.items()
       }
       paths = {
           split: [os.fspath(p) for p in split_paths]

@@ -232,6 +232,7 @@ def _train(config, workdir: str, loss_fn: losses.LossFn) -> TrainState:
   state = checkpoints.restore_latest(manager, state)
   start_step = int(state.step)
   best = BestCheckpoint(workdir)
+  config_schema.save_model_config(config, sp.vocab_size(), workdir)
 
   replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   p_train_step = jax.jit(
@@ -294,6 +295,15 @@ def _train(config, workdir: str, loss_fn: losses.LossFn) -> TrainState:
         break
       if step % config.log_every_steps == 0 or do_eval:
         window_start = time.perf_counter()  # Eval and checkpoint time is not training time.
+  except KeyboardInterrupt:
+    # `state` is the result of the last completed step: save it, so a rerun loses nothing.
+    try:
+      if int(state.step) not in manager.all_steps():
+        checkpoints.save(manager, state)
+      _log(bar, f'Interrupted: saved a checkpoint at step {int(state.step)}')
+    except RuntimeError as e:  # Interrupted between a step's dispatch and its result.
+      logging.warning('Interrupted; could not save the current step (%s)', e)
+    raise
   finally:
     bar.close()
     writer.close()
