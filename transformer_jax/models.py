@@ -71,13 +71,12 @@ def sinusoid_at(positions, d_model: int) -> jax.Array:
   return pe.reshape(*pe.shape[:-2], -1)[..., :d_model]
 
 
-def padding_mask(query_tokens: Array, key_tokens: Array) -> Array:
+def padding_mask(key_tokens: Array) -> Array:
   """Attention mask that hides padding keys: bool [B, 1, 1, Tk], broadcast over queries.
 
   Queries at padding positions still attend to the real keys; their outputs are never
   read, and keeping them finite keeps gradients finite.
   """
-  del query_tokens
   return (key_tokens != PAD_ID)[:, None, None, :]
 
 
@@ -269,7 +268,7 @@ class Encoder(nn.Module):
   def __call__(self, inputs: Array, deterministic: bool) -> Array:
     """inputs int32 [B, S] (0 = pad) -> encoded [B, S, D]."""
     x = self.dropout(self.embedder(inputs), deterministic=deterministic)
-    mask = padding_mask(inputs, inputs)  # [B, 1, 1, S]
+    mask = padding_mask(inputs)  # [B, 1, 1, S]
     for layer in self.layers:
       x = layer(x, mask, deterministic)
     return self.final_norm(x)
@@ -299,8 +298,8 @@ class Decoder(nn.Module):
     """encoded [B, S, D], inputs int32 [B, S] (for the cross-attention mask), targets
     int32 [B, T] (0 = pad; fed shifted right) -> logits float32 [B, T, V]."""
     y = self.dropout(self.embedder(shift_right(targets)), deterministic=deterministic)
-    self_mask = padding_mask(targets, targets) & causal_mask(targets.shape[1])  # [B,1,T,T]
-    cross_mask = padding_mask(targets, inputs)                                  # [B,1,1,S]
+    self_mask = padding_mask(targets) & causal_mask(targets.shape[1])  # [B,1,T,T]
+    cross_mask = padding_mask(inputs)                                  # [B,1,1,S]
     for layer in self.layers:
       y = layer(y, encoded, self_mask, cross_mask, deterministic)
     return self._to_logits(y)
@@ -308,7 +307,7 @@ class Decoder(nn.Module):
   def init_cache(self, encoded: Array, inputs: Array, max_length: int) -> dict:
     """Decoding state for up to `max_length` target positions: per-layer caches plus the
     source padding mask (so beam search can reorder it with the rest)."""
-    return {'cross_mask': padding_mask(inputs, inputs),
+    return {'cross_mask': padding_mask(inputs),
             'layers': [layer.init_cache(encoded, max_length) for layer in self.layers]}
 
   def step(self, cache: dict, tokens: Array, index: Array) -> tuple[Array, dict]:
