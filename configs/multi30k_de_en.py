@@ -16,5 +16,6 @@ def get_config():
   config.source_lang, config.target_lang = 'de', 'en'
   config.num_train_steps = 1400
   config.eval_every_steps = 100
+  config.pack_examples = False  # The recorded run used length buckets.
   config.bleu_every_steps = 700
   return config

@@ -13,7 +13,11 @@ from configs import mt  # pylint: disable=g-import-not-at-top,wrong-import-posit
 def get_config():
   config = mt.get_config()
   config.source_lang, config.target_lang = 'en', 'de'
-  config.num_train_steps = 1700
+  config.num_train_steps = 2100
   config.eval_every_steps = 100
-  config.bleu_every_steps = 850
+  config.pack_examples = False  # The recorded run used length buckets.
+  config.bleu_every_steps = 700
+  # Checkpoints every 200 steps, the last 5 kept, for averaging at eval time.
+  config.checkpoint_every_steps = 200
+  config.keep_checkpoints = 5
   return config

@@ -115,5 +115,35 @@ def test_cached_decoding_equals_full_forward_pass(share_embeddings):
     logits, cache = step(cache, previous[:, i], jnp.int32(i))
     np.testing.assert_allclose(logits, full[:, i], atol=2e-5)
   # Cross-attention keys/values are computed once, in init_cache: [B, S, H, K] per layer.
-  assert cache['layers'][0]['cross_k'].shape == (3, 7, 4, 8)
+  assert cache['source']['cross'][0]['cross_k'].shape == (3, 7, 4, 8)
   assert cache['layers'][0]['self_k'].shape == (3, 8, 4, 8)
+
+
+def test_packed_row_equals_its_pairs_run_alone():
+  """Two pairs packed in one row (segment ids, per-pair positions, a BOS per pair) give
+  the logits each pair gets alone: attention never crosses pairs."""
+  model, params = _init()
+  rng = np.random.default_rng(5)
+  src = [_random_tokens(rng, (n,)) for n in (4, 6)]
+  tgt = [_random_tokens(rng, (n,)) for n in (5, 3)]
+  length = 12
+  row = {k: np.zeros((1, length), np.int32) for k in (
+      'inputs', 'targets', 'inputs_segmentation', 'targets_segmentation',
+      'inputs_position', 'targets_position')}
+  for side, seqs in (('inputs', src), ('targets', tgt)):
+    start = 0
+    for segment, seq in enumerate(seqs, 1):
+      row[side][0, start:start + len(seq)] = seq
+      row[f'{side}_segmentation'][0, start:start + len(seq)] = segment
+      row[f'{side}_position'][0, start:start + len(seq)] = np.arange(len(seq))
+      start += len(seq)
+  packed = model.apply({'params': params}, row.pop('inputs'), row.pop('targets'), **row)
+  start = 0
+  for s, t in zip(src, tgt):
+    alone = model.apply({'params': params}, s[None], t[None])
+    np.testing.assert_allclose(packed[0, start:start + len(t)], alone[0], atol=2e-5)
+    start += len(t)
+  # Without the segment ids the second pair sees the first: outputs differ.
+  leaky = model.apply({'params': params}, np.concatenate([*src, np.zeros(2, np.int32)])[None],
+                      np.concatenate([*tgt, np.zeros(4, np.int32)])[None])
+  assert not np.allclose(leaky[0, 5:8], packed[0, 5:8], atol=1e-3)

@@ -33,6 +33,11 @@ def test_tiny_model_overfits_32_pairs(tiny_text_dir, tmp_path):
                        max_tokens_per_batch=1024)
   state = train.train_and_evaluate(config, str(tmp_path))
   assert int(state.step) == 300
+  log = (tmp_path / 'train.log').read_text()
+  # Packed batches have one shape: the train step compiled once, and said so.
+  assert log.count('Compiling the train step for batch shape') == 1, log
+  eval_line = next(line for line in log.splitlines() if 'step 300: train loss' in line)
+  assert 'target tok/s' in eval_line and 'GFLOP/s, MFU' in eval_line, eval_line
   # The eval split is the training set: per-token loss near zero, accuracy 100%.
   result = _eval(config, state, tmp_path)
   assert result['loss'] < 0.05, result

@@ -41,6 +41,7 @@ SCHEMA: dict[str, tuple[Any, tuple[Callable[[Any], bool], str]]] = {
     'max_tokens_per_batch': (int, _positive),
     'length_bucket_step': (float, (lambda v: v > 1, 'must be > 1')),
     'shuffle_buffer_size': (int, _positive),
+    'pack_examples': (bool, _any),
     # Tokenizer
     'vocab_size': (int, (lambda v: v > 4, 'must be > 4 (ids 0-3 are special)')),
     'spm_model_type': (str, _one_of('unigram', 'bpe')),
@@ -90,6 +91,7 @@ SCHEMA: dict[str, tuple[Any, tuple[Callable[[Any], bool], str]]] = {
     'checkpoint_every_steps': (int, _positive),
     'keep_checkpoints': (int, _positive),
     'log_every_steps': (int, _positive),
+    'peak_flops_per_device': (float, _non_negative),
 }
 
 

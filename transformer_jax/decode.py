@@ -7,7 +7,9 @@ Each function drives a callback
 that scores the next token at position `index` given the previous token (BOS at index 0)
 and a cache whose leaves all have N as their leading axis (for `Transformer`:
 `init_cache` + `decode_step`, keys/values of earlier positions and of the source computed
-once). Everything runs inside `jax.lax.while_loop`, so a search jits into one program
+once). Entries under a top-level 'source' key of a dict cache depend only on the source
+sentence: beam search never reorders them (all beams of a sentence hold the same values).
+Everything runs inside `jax.lax.while_loop`, so a search jits into one program
 whose shape depends only on (batch size, source length, max_length).
 
 Output sequences are int32 [..., max_length]: the generated tokens, EOS included, then
@@ -51,6 +53,15 @@ def _split(tree, batch_size: int, beam_size: int):
 
 def _merge(tree):
   return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), tree)
+
+
+def _reorder_cache(cache, parents: jax.Array, batch_size: int, beam_size: int):
+  """Cache rows [B*K, ...] of the selected parent beams (int32 [B, K]); a dict cache's
+  'source' entries are the same for every beam of a sentence and stay as they are."""
+  if isinstance(cache, dict) and 'source' in cache:
+    rest = {key: value for key, value in cache.items() if key != 'source'}
+    return {**_reorder_cache(rest, parents, batch_size, beam_size), 'source': cache['source']}
+  return _merge(_gather_beams(_split(cache, batch_size, beam_size), parents))
 
 
 def beam_search(tokens_to_logits: TokensToLogits, cache, max_lengths: jax.Array,
@@ -135,8 +146,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache, max_lengths: jax.Array,
     live_log_probs, top = jax.lax.top_k(live_candidates, k)
     live_seqs = _gather_beams(cand_seqs, top)
     last_tokens = jnp.take_along_axis(tokens, top, axis=1)
-    cache = _merge(_gather_beams(_split(cache, batch_size, k),
-                                 jnp.take_along_axis(parents, top, axis=1)))
+    cache = _reorder_cache(cache, jnp.take_along_axis(parents, top, axis=1), batch_size, k)
 
     # Sentences already done keep their finished set as it was.
     stop = done(state)[:, None]

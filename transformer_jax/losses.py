@@ -50,14 +50,18 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array,
     'num_tokens' (the sum of weights).
   """
   vocab_size = logits.shape[-1]
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, T, V]
-  gold = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]  # [B, T]
-  nll = -gold
+  logits = logits.astype(jnp.float32)
+  # With log p_v = logits_v - lse, written so that no [B, T, V] log-probabilities are
+  # materialized: every term is a reduction over the logits.
+  lse = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
+  gold_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [B, T]
+  nll = lse - gold_logit
   if label_smoothing > 0:
     confidence = 1.0 - label_smoothing
     low = label_smoothing / (vocab_size - 1)
-    # -sum_v q_v log p_v, with q = low everywhere and confidence at the gold token.
-    token_loss = -(confidence - low) * gold - low * jnp.sum(log_probs, axis=-1)
+    # -sum_v q_v log p_v, with q = low everywhere and confidence at the gold token:
+    # = lse - (confidence - low) * gold_logit - low * sum_v logits_v (as sum_v q_v = 1).
+    token_loss = lse - (confidence - low) * gold_logit - low * jnp.sum(logits, axis=-1)
     entropy = -(confidence * np.log(confidence) + (vocab_size - 1) * low * np.log(low))
     token_loss = token_loss - entropy
   else:

@@ -8,6 +8,11 @@ Shapes: B batch, S source length, T target length, D d_model, H num_heads,
 K = D // H head size, F d_ff, V vocab_size. Token id 0 is padding
 (`transformer_jax.tokenizer.PAD_ID`).
 
+Packed rows (several sentence pairs per row, `transformer_jax.data.pack_pairs`) carry
+segment ids (int32 [B, L], 1, 2, ... per pair, 0 on padding) and per-pair positions
+(int32 [B, L], restarting at 0); attention then stays inside a pair, as in the Flax WMT
+example and T5X.
+
 Every projection is a named `nn.DenseGeneral` (`query`, `key`, `value`, `out`, `wi`,
 `wo`), so parameter-efficient methods can address them by path and keep their own
 parameters in a pytree apart from these base `params`.
@@ -80,15 +85,27 @@ def padding_mask(key_tokens: Array) -> Array:
   return (key_tokens != PAD_ID)[:, None, None, :]
 
 
+def segment_mask(query_segments: Array, key_segments: Array) -> Array:
+  """bool [B, 1, Tq, Tk]: a query sees only keys of its own segment (packed rows).
+  int32 [B, Tq], [B, Tk] -> bool [B, 1, Tq, Tk]."""
+  return query_segments[:, None, :, None] == key_segments[:, None, None, :]
+
+
 def causal_mask(length: int) -> Array:
   """bool [1, 1, T, T]: query t sees keys 0..t."""
   return jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
 
 
-def shift_right(targets: Array) -> Array:
-  """Decoder inputs: BOS followed by targets[:, :-1]. int32 [B, T] -> int32 [B, T]."""
+def shift_right(targets: Array, positions: Array | None = None) -> Array:
+  """Decoder inputs: BOS followed by targets[:, :-1]. int32 [B, T] -> int32 [B, T].
+
+  With per-pair `positions` (packed rows, int32 [B, T]), every pair starts with BOS.
+  """
   bos = jnp.full_like(targets[:, :1], BOS_ID)
-  return jnp.concatenate([bos, targets[:, :-1]], axis=1)
+  shifted = jnp.concatenate([bos, targets[:, :-1]], axis=1)
+  if positions is not None:
+    shifted = jnp.where(positions == 0, BOS_ID, shifted)
+  return shifted
 
 
 class MultiHeadAttention(nn.Module):
@@ -242,12 +259,15 @@ class Embedder(nn.Module):
         cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
         embedding_init=nn.initializers.normal(stddev=cfg.d_model ** -0.5))
 
-  def __call__(self, tokens: Array, offset: Array | int = 0) -> Array:
-    """int32 [B, L] at positions offset..offset+L-1 -> [B, L, D] in `config.dtype`."""
+  def __call__(self, tokens: Array, offset: Array | int = 0,
+               positions: Array | None = None) -> Array:
+    """int32 [B, L] at positions offset..offset+L-1, or at `positions` (int32 [B, L],
+    packed rows) -> [B, L, D] in `config.dtype`."""
     cfg = self.config
     x = self.embed(tokens) * np.sqrt(cfg.d_model).astype(cfg.dtype)
-    positions = sinusoid_at(offset + jnp.arange(tokens.shape[1]), cfg.d_model)
-    return x + positions[None].astype(cfg.dtype)
+    if positions is None:
+      positions = (offset + jnp.arange(tokens.shape[1]))[None]  # [1, L]
+    return x + sinusoid_at(positions, cfg.d_model).astype(cfg.dtype)
 
   def attend(self, x: Array) -> Array:
     """Output logits with the transposed embedding table: [B, T, D] -> float32 [B, T, V]."""
@@ -265,10 +285,14 @@ class Encoder(nn.Module):
     self.final_norm = _layer_norm(cfg)
     self.dropout = nn.Dropout(cfg.dropout_rate)
 
-  def __call__(self, inputs: Array, deterministic: bool) -> Array:
-    """inputs int32 [B, S] (0 = pad) -> encoded [B, S, D]."""
-    x = self.dropout(self.embedder(inputs), deterministic=deterministic)
+  def __call__(self, inputs: Array, deterministic: bool, segmentation: Array | None = None,
+               positions: Array | None = None) -> Array:
+    """inputs int32 [B, S] (0 = pad), optional packing segment ids and positions
+    int32 [B, S] -> encoded [B, S, D]."""
+    x = self.dropout(self.embedder(inputs, positions=positions), deterministic=deterministic)
     mask = padding_mask(inputs)  # [B, 1, 1, S]
+    if segmentation is not None:
+      mask = mask & segment_mask(segmentation, segmentation)  # [B, 1, S, S]
     for layer in self.layers:
       x = layer(x, mask, deterministic)
     return self.final_norm(x)
@@ -294,30 +318,42 @@ class Decoder(nn.Module):
     return self.logits(y).astype(jnp.float32)
 
   def __call__(self, encoded: Array, inputs: Array, targets: Array,
-               deterministic: bool) -> Array:
+               deterministic: bool, inputs_segmentation: Array | None = None,
+               targets_segmentation: Array | None = None,
+               targets_position: Array | None = None) -> Array:
     """encoded [B, S, D], inputs int32 [B, S] (for the cross-attention mask), targets
-    int32 [B, T] (0 = pad; fed shifted right) -> logits float32 [B, T, V]."""
-    y = self.dropout(self.embedder(shift_right(targets)), deterministic=deterministic)
+    int32 [B, T] (0 = pad; fed shifted right), optional packing segment ids and target
+    positions -> logits float32 [B, T, V]."""
+    decoder_inputs = shift_right(targets, targets_position)
+    y = self.dropout(self.embedder(decoder_inputs, positions=targets_position),
+                     deterministic=deterministic)
     self_mask = padding_mask(targets) & causal_mask(targets.shape[1])  # [B,1,T,T]
     cross_mask = padding_mask(inputs)                                  # [B,1,1,S]
+    if targets_segmentation is not None:
+      self_mask &= segment_mask(targets_segmentation, targets_segmentation)
+      cross_mask = cross_mask & segment_mask(targets_segmentation, inputs_segmentation)
     for layer in self.layers:
       y = layer(y, encoded, self_mask, cross_mask, deterministic)
     return self._to_logits(y)
 
   def init_cache(self, encoded: Array, inputs: Array, max_length: int) -> dict:
-    """Decoding state for up to `max_length` target positions: per-layer caches plus the
-    source padding mask (so beam search can reorder it with the rest)."""
-    return {'cross_mask': padding_mask(inputs),
-            'layers': [layer.init_cache(encoded, max_length) for layer in self.layers]}
+    """Decoding state for up to `max_length` target positions:
+    {'source': {'cross_mask': bool [B, 1, 1, S], 'cross': per layer {'cross_k',
+    'cross_v': [B, S, H, K]}}, 'layers': per layer {'self_k', 'self_v'}}. The 'source'
+    part never changes while decoding (`decode.beam_search` does not reorder it)."""
+    caches = [layer.init_cache(encoded, max_length) for layer in self.layers]
+    cross = [{k: c[k] for k in ('cross_k', 'cross_v')} for c in caches]
+    return {'source': {'cross_mask': padding_mask(inputs), 'cross': cross},
+            'layers': [{k: c[k] for k in ('self_k', 'self_v')} for c in caches]}
 
   def step(self, cache: dict, tokens: Array, index: Array) -> tuple[Array, dict]:
     """Previous tokens int32 [B] at position `index` -> next-token logits float32 [B, V]
     and the updated cache."""
     y = self.embedder(tokens[:, None], offset=index)  # [B, 1, D]
-    new_layers = []
-    for layer, layer_cache in zip(self.layers, cache['layers']):
-      y, layer_cache = layer.step(y, layer_cache, index, cache['cross_mask'])
-      new_layers.append(layer_cache)
+    source, new_layers = cache['source'], []
+    for layer, self_cache, cross in zip(self.layers, cache['layers'], source['cross']):
+      y, layer_cache = layer.step(y, {**self_cache, **cross}, index, source['cross_mask'])
+      new_layers.append({k: layer_cache[k] for k in ('self_k', 'self_v')})
     return self._to_logits(y)[:, 0], {**cache, 'layers': new_layers}
 
 
@@ -335,14 +371,16 @@ class Transformer(nn.Module):
     self.decoder = Decoder(
         cfg, self.source_embedder if cfg.share_embeddings else self.target_embedder)
 
-  def encode(self, inputs: Array, deterministic: bool = True) -> Array:
+  def encode(self, inputs: Array, deterministic: bool = True,
+             segmentation: Array | None = None, positions: Array | None = None) -> Array:
     """inputs int32 [B, S] -> encoded [B, S, D]."""
-    return self.encoder(inputs, deterministic)
+    return self.encoder(inputs, deterministic, segmentation, positions)
 
   def decode(self, encoded: Array, inputs: Array, targets: Array,
-             deterministic: bool = True) -> Array:
-    """encoded [B, S, D], inputs int32 [B, S], targets int32 [B, T] -> float32 [B, T, V]."""
-    return self.decoder(encoded, inputs, targets, deterministic)
+             deterministic: bool = True, **packing: Array) -> Array:
+    """encoded [B, S, D], inputs int32 [B, S], targets int32 [B, T] -> float32 [B, T, V].
+    `packing`: inputs_segmentation, targets_segmentation, targets_position."""
+    return self.decoder(encoded, inputs, targets, deterministic, **packing)
 
   def init_cache(self, inputs: Array, max_length: int) -> dict:
     """Encodes inputs int32 [B, S] once and returns the decoding cache for up to
@@ -354,11 +392,19 @@ class Transformer(nn.Module):
     for position `index`, and the updated cache."""
     return self.decoder.step(cache, tokens, index)
 
-  def __call__(self, inputs: Array, targets: Array, deterministic: bool = True) -> Array:
+  def __call__(self, inputs: Array, targets: Array, deterministic: bool = True,
+               inputs_segmentation: Array | None = None,
+               targets_segmentation: Array | None = None,
+               inputs_position: Array | None = None,
+               targets_position: Array | None = None) -> Array:
     """inputs int32 [B, S], targets int32 [B, T] (0 = pad) -> logits float32 [B, T, V].
 
-    Logits at position t predict targets[:, t] from inputs and targets[:, :t].
-    `deterministic=False` turns dropout on and needs a 'dropout' rng.
+    Logits at position t predict targets[:, t] from inputs and targets[:, :t] (of the
+    same pair, in packed rows: pass all four segment/position arrays, int32 [B, S] or
+    [B, T], or none). `deterministic=False` turns dropout on and needs a 'dropout' rng.
     """
-    encoded = self.encode(inputs, deterministic)
-    return self.decode(encoded, inputs, targets, deterministic)
+    encoded = self.encode(inputs, deterministic, inputs_segmentation, inputs_position)
+    return self.decode(encoded, inputs, targets, deterministic,
+                       inputs_segmentation=inputs_segmentation,
+                       targets_segmentation=targets_segmentation,
+                       targets_position=targets_position)

@@ -21,6 +21,7 @@ from transformer_jax import checkpoints
 from transformer_jax import config_schema
 from transformer_jax import data
 from transformer_jax import evaluation
+from transformer_jax import flops
 from transformer_jax import losses
 from transformer_jax import models
 from transformer_jax import optim
@@ -43,17 +44,19 @@ class TrainState:
 def train_step(state: TrainState, batch: dict, *, model: models.Transformer,
                optimizer: optax.GradientTransformation, loss_fn: losses.LossFn,
                schedule: Callable, seed: int) -> tuple[TrainState, dict]:
-  """One optimizer update on a batch {'inputs': int32 [B, S], 'targets': int32 [B, T]}.
+  """One optimizer update on a batch {'inputs': int32 [B, S], 'targets': int32 [B, T]}
+  (plus `data.PACKING_KEYS` for packed rows).
 
   Returns the new state and scalar metrics: the loss function's, plus 'loss',
   'grad_norm' and 'learning_rate'.
   """
   dropout_rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
   weights = (batch['targets'] != PAD_ID).astype(jnp.float32)
+  packing = {k: batch[k] for k in data.PACKING_KEYS if k in batch}
 
   def objective(params):
     logits = model.apply({'params': params}, batch['inputs'], batch['targets'],
-                         deterministic=False, rngs={'dropout': dropout_rng})
+                         deterministic=False, rngs={'dropout': dropout_rng}, **packing)
     return loss_fn(logits, batch['targets'], weights)
 
   (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
@@ -186,19 +189,50 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     return _train(config, workdir, loss_fn)
 
 
-def _summarize(pending: list[dict], tokens: int, seconds: float) -> dict:
-  """Means of the per-step train metrics since the last log, plus throughput."""
+class _Throughput:
+  """Counts real target tokens, computed target positions and model FLOPs (`flops`)
+  between logs; `summary` turns them into rates and MFU against `peak_flops` (FLOP/s of
+  all devices)."""
+
+  def __init__(self, model_config: models.TransformerConfig, peak_flops: float):
+    self.model_config, self.peak_flops = model_config, peak_flops
+    self.reset()
+
+  def reset(self):
+    self.tokens = self.positions = self.flops = 0
+    self.start = time.perf_counter()
+
+  def add(self, batch: dict):
+    (rows, source_length), target_length = batch['inputs'].shape, batch['targets'].shape[1]
+    self.tokens += int(np.count_nonzero(batch['targets']))
+    self.positions += rows * target_length
+    self.flops += flops.train_flops(self.model_config, rows, source_length, target_length)
+
+  def summary(self) -> dict:
+    """Rates since `reset`; call after the counted steps have finished."""
+    seconds = time.perf_counter() - self.start
+    return {'target_tokens_per_second': self.tokens / seconds,  # Real (non-pad) tokens.
+            'real_target_fraction': self.tokens / max(self.positions, 1),
+            'flops_per_second': self.flops / seconds,
+            'mfu': self.flops / seconds / self.peak_flops}
+
+
+def _summarize(pending: list[dict], throughput: _Throughput) -> dict:
+  """Means of the per-step train metrics since the last log, plus throughput and MFU."""
+  # Steps run asynchronously: wait for the last one, or the clock reads dispatch time.
+  jax.block_until_ready(pending[-1])
+  seconds = time.perf_counter() - throughput.start
   summary = {k: float(np.mean(v)) for k, v in
              jax.tree.map(lambda *x: np.stack(x), *jax.device_get(pending)).items()}
   summary['steps_per_second'] = len(pending) / seconds
-  summary['target_tokens_per_second'] = tokens / seconds  # Real (non-pad) target tokens.
-  return summary
+  return {**summary, **throughput.summary()}
 
 
 def _eval_line(step: int, train: dict, result: dict, split: str, improved: bool) -> str:
   line = (f"step {step}: train loss {train['loss']:.4f} | eval loss {result['loss']:.4f} "
           f"ppl {result['perplexity']:.2f} acc {result['accuracy']:.4f} | "
-          f"{train['target_tokens_per_second']:.0f} target tok/s")
+          f"{train['target_tokens_per_second']:.0f} target tok/s, "
+          f"{train['flops_per_second'] / 1e9:.1f} GFLOP/s, MFU {100 * train['mfu']:.1f}%")
   if 'bleu' in result:
     line += f" | {split} BLEU {result['bleu']:.2f}{' (best)' if improved else ''}"
   return line
@@ -221,13 +255,22 @@ def _train(config, workdir: str, loss_fn: losses.LossFn) -> TrainState:
   train_src, train_tgt = data.tokenize_pairs(sp, train_src, train_tgt, config)
   eval_src, eval_tgt = data.tokenize_pairs(sp, *eval_text, config)
   batcher = data.Batcher(max(config.max_source_length, config.max_target_length),
-                         config.max_tokens_per_batch, config.length_bucket_step, mesh.size)
+                         config.max_tokens_per_batch, config.length_bucket_step, mesh.size,
+                         pack=config.pack_examples)
+  if config.pack_examples:
+    logging.info('Packed train batches: %d rows x %d tokens', batcher.packed_rows,
+                 batcher.max_length)
   logging.info('Buckets (length: rows): %s', dict(zip(batcher.lengths, batcher.batch_sizes)))
 
   # Model, optimizer, state.
   model, optimizer, state = create_state(config, sp.vocab_size(), mesh)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info('Model: %s parameters, vocab %d', f'{num_params:,}', sp.vocab_size())
+  peak = flops.peak_flops_per_device(mesh.devices.flat[0], config.dtype,
+                                     config.peak_flops_per_device) * mesh.size
+  logging.info('Peak for MFU: %.1f GFLOP/s (%d x %s)', peak / 1e9, mesh.size,
+               mesh.devices.flat[0].device_kind)
+  throughput = _Throughput(model.config, peak)
   manager = checkpoints.make_manager(workdir, config.keep_checkpoints)
   state = checkpoints.restore_latest(manager, state)
   start_step = int(state.step)
@@ -250,11 +293,17 @@ def _train(config, workdir: str, loss_fn: losses.LossFn) -> TrainState:
   writer = tensorboard.SummaryWriter(os.path.join(workdir, 'tensorboard'))
   bar = tqdm.tqdm(total=config.num_train_steps, initial=start_step, unit='step',
                   dynamic_ncols=True, desc='train')
-  pending, tokens, window_start = [], 0, time.perf_counter()
+  pending, shapes = [], set()
+  throughput.reset()
   try:
     for step in range(start_step + 1, config.num_train_steps + 1):
       batch = next(train_iter)
-      tokens += int(np.count_nonzero(batch['targets']))
+      throughput.add(batch)
+      shape = (batch['inputs'].shape, batch['targets'].shape)
+      if shape not in shapes:  # jit compiles once per batch shape.
+        shapes.add(shape)
+        logging.info('Compiling the train step for batch shape %s (%d so far)', shape,
+                     len(shapes))
       state, metrics = p_train_step(state, sharding.put_batch(batch, mesh))
       pending.append(metrics)
       bar.update(1)
@@ -263,12 +312,12 @@ def _train(config, workdir: str, loss_fn: losses.LossFn) -> TrainState:
       do_bleu = config.bleu_every_steps and (step % config.bleu_every_steps == 0 or last)
 
       if step % config.log_every_steps == 0 or do_eval:
-        train_summary = _summarize(pending, tokens, time.perf_counter() - window_start)
+        train_summary = _summarize(pending, throughput)
         for name, value in train_summary.items():
           writer.scalar(f'train/{name}', value, step)
         bar.set_postfix(loss=f"{train_summary['loss']:.3f}",
                         tok_s=f"{train_summary['target_tokens_per_second']:.0f}")
-        pending, tokens = [], 0
+        pending = []
 
       if do_eval:
         result = evaluate(p_eval_step, state.params, batcher, eval_ds, mesh,
@@ -294,7 +343,7 @@ def _train(config, workdir: str, loss_fn: losses.LossFn) -> TrainState:
                   f'evaluations (best {best.bleu:.2f} at step {best.step})')
         break
       if step % config.log_every_steps == 0 or do_eval:
-        window_start = time.perf_counter()  # Eval and checkpoint time is not training time.
+        throughput.reset()  # Eval and checkpoint time is not training time.
   except KeyboardInterrupt:
     # `state` is the result of the last completed step: save it, so a rerun loses nothing.
     try:
