@@ -87,6 +87,20 @@ def test_dropout_only_when_not_deterministic():
   assert not np.allclose(a, c, atol=1e-3)
 
 
+@pytest.mark.parametrize('rate', [0.1, 0.3])
+def test_dropout_drops_its_rate_and_keeps_the_mean(rate):
+  x = jnp.ones((64, 33, 50))  # A last axis that is not a multiple of 4.
+  y = models.Dropout(rate).apply({}, x, False, rngs={'dropout': jax.random.PRNGKey(0)})
+  effective = round(rate * 256) / 256
+  dropped = float(jnp.mean(y == 0))
+  assert abs(dropped - effective) < 0.01, dropped  # 105,600 draws: sd ~0.001.
+  np.testing.assert_allclose(np.unique(np.asarray(y)), [0.0, 1 / (1 - effective)], rtol=1e-6)
+  assert abs(float(jnp.mean(y)) - 1.0) < 0.01
+  # Masks differ along every axis (no byte of a random word reused across rows).
+  assert (y[0] != y[1]).any() and (y[:, 0] != y[:, 1]).any()
+  assert models.Dropout(rate).apply({}, x, True) is x
+
+
 def test_bfloat16_compute_keeps_float32_params_and_logits():
   cfg = models.TransformerConfig(**{**CFG.__dict__, 'dtype': jnp.bfloat16})
   model, params = _init(cfg)

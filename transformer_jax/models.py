@@ -91,6 +91,32 @@ def segment_mask(query_segments: Array, key_segments: Array) -> Array:
   return query_segments[:, None, :, None] == key_segments[:, None, None, :]
 
 
+class Dropout(nn.Module):
+  """Inverted dropout (Srivastava et al. 2014) with 8 random bits per element.
+
+  `flax.linen.Dropout` draws 32 random bits (one threefry hash) per element; here one
+  32-bit draw serves 4 elements, which makes a train step of the small issue-4 shape on a
+  2-core CPU about 15% faster (docs/performance.md). An element is dropped when its
+  byte is below round(rate * 256), so the rate is rounded to a multiple of 1/256
+  (0.1 -> 26/256 = 0.1016); kept elements are scaled by 1 / (1 - that rate). Uses the
+  'dropout' rng; `deterministic=True` or rate 0 returns the input unchanged.
+  """
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool) -> Array:
+    """x [..., N] -> same shape and dtype."""
+    threshold = round(self.rate * 256)
+    if deterministic or threshold == 0:
+      return x
+    *lead, last = x.shape
+    words = jax.random.bits(self.make_rng('dropout'), (*lead, -(-last // 4)), jnp.uint32)
+    shifts = jnp.arange(0, 32, 8, dtype=jnp.uint32)
+    random_bytes = ((words[..., None] >> shifts) & 0xFF).reshape(*lead, -1)[..., :last]
+    keep_prob = 1.0 - threshold / 256
+    return jnp.where(random_bytes >= threshold, x / keep_prob, 0).astype(x.dtype)
+
+
 def causal_mask(length: int) -> Array:
   """bool [1, 1, T, T]: query t sees keys 0..t."""
   return jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
@@ -129,7 +155,7 @@ class MultiHeadAttention(nn.Module):
     self.out = nn.DenseGeneral(features=cfg.d_model, axis=(-2, -1), dtype=cfg.dtype,
                                param_dtype=cfg.param_dtype,
                                kernel_init=nn.initializers.xavier_uniform())
-    self.dropout = nn.Dropout(cfg.attention_dropout_rate)
+    self.dropout = Dropout(cfg.attention_dropout_rate)
 
   def project_kv(self, keys_values: Array) -> tuple[Array, Array]:
     """[B, Tk, D] -> keys, values [B, Tk, H, K]."""
@@ -167,7 +193,7 @@ class FeedForward(nn.Module):
         features, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
         kernel_init=nn.initializers.xavier_uniform(), name=name)
     h = nn.relu(dense(cfg.d_ff, 'wi')(x))  # [B, T, F]
-    h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+    h = Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
     return dense(cfg.d_model, 'wo')(h)     # [B, T, D]
 
 
@@ -185,7 +211,7 @@ class EncoderLayer(nn.Module):
     self.self_attention = MultiHeadAttention(cfg)
     self.feed_forward_norm = _layer_norm(cfg)
     self.feed_forward = FeedForward(cfg)
-    self.dropout = nn.Dropout(cfg.dropout_rate)
+    self.dropout = Dropout(cfg.dropout_rate)
 
   def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
     """x [B, S, D], mask [B, 1, 1, S] -> [B, S, D]."""
@@ -208,7 +234,7 @@ class DecoderLayer(nn.Module):
     self.cross_attention = MultiHeadAttention(cfg)
     self.feed_forward_norm = _layer_norm(cfg)
     self.feed_forward = FeedForward(cfg)
-    self.dropout = nn.Dropout(cfg.dropout_rate)
+    self.dropout = Dropout(cfg.dropout_rate)
 
   def __call__(self, y: Array, encoded: Array, self_mask: Array, cross_mask: Array,
                deterministic: bool) -> Array:
@@ -283,7 +309,7 @@ class Encoder(nn.Module):
     cfg = self.config
     self.layers = [EncoderLayer(cfg) for _ in range(cfg.num_encoder_layers)]
     self.final_norm = _layer_norm(cfg)
-    self.dropout = nn.Dropout(cfg.dropout_rate)
+    self.dropout = Dropout(cfg.dropout_rate)
 
   def __call__(self, inputs: Array, deterministic: bool, segmentation: Array | None = None,
                positions: Array | None = None) -> Array:
@@ -307,7 +333,7 @@ class Decoder(nn.Module):
     cfg = self.config
     self.layers = [DecoderLayer(cfg) for _ in range(cfg.num_decoder_layers)]
     self.final_norm = _layer_norm(cfg)
-    self.dropout = nn.Dropout(cfg.dropout_rate)
+    self.dropout = Dropout(cfg.dropout_rate)
     if not cfg.share_embeddings:
       self.logits = nn.DenseGeneral(cfg.vocab_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
 
