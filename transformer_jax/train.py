@@ -190,8 +190,8 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
 
 
 class _Throughput:
-  """Counts real target tokens, computed target positions and model FLOPs (`flops`)
-  between logs; `summary` turns them into rates and MFU against `peak_flops` (FLOP/s of
+  """Counts steps, real target tokens, computed target positions and model FLOPs
+  (`flops`) between logs; `summary` turns them into rates and MFU against `peak_flops` (FLOP/s of
   all devices)."""
 
   def __init__(self, model_config: models.TransformerConfig, peak_flops: float):
@@ -199,11 +199,12 @@ class _Throughput:
     self.reset()
 
   def reset(self):
-    self.tokens = self.positions = self.flops = 0
+    self.steps = self.tokens = self.positions = self.flops = 0
     self.start = time.perf_counter()
 
   def add(self, batch: dict):
     (rows, source_length), target_length = batch['inputs'].shape, batch['targets'].shape[1]
+    self.steps += 1
     self.tokens += int(np.count_nonzero(batch['targets']))
     self.positions += rows * target_length
     self.flops += flops.train_flops(self.model_config, rows, source_length, target_length)
@@ -211,7 +212,8 @@ class _Throughput:
   def summary(self) -> dict:
     """Rates since `reset`; call after the counted steps have finished."""
     seconds = time.perf_counter() - self.start
-    return {'target_tokens_per_second': self.tokens / seconds,  # Real (non-pad) tokens.
+    return {'steps_per_second': self.steps / seconds,
+            'target_tokens_per_second': self.tokens / seconds,  # Real (non-pad) tokens.
             'real_target_fraction': self.tokens / max(self.positions, 1),
             'flops_per_second': self.flops / seconds,
             'mfu': self.flops / seconds / self.peak_flops}
@@ -221,11 +223,10 @@ def _summarize(pending: list[dict], throughput: _Throughput) -> dict:
   """Means of the per-step train metrics since the last log, plus throughput and MFU."""
   # Steps run asynchronously: wait for the last one, or the clock reads dispatch time.
   jax.block_until_ready(pending[-1])
-  seconds = time.perf_counter() - throughput.start
+  rates = throughput.summary()
   summary = {k: float(np.mean(v)) for k, v in
              jax.tree.map(lambda *x: np.stack(x), *jax.device_get(pending)).items()}
-  summary['steps_per_second'] = len(pending) / seconds
-  return {**summary, **throughput.summary()}
+  return {**summary, **rates}
 
 
 def _eval_line(step: int, train: dict, result: dict, split: str, improved: bool) -> str:
