@@ -28,7 +28,10 @@ token ids (EOS-terminated, pairs over 64 tokens dropped).
     batch, `loss.item()` read every step. Eager, and `torch.compile(dynamic=True)` (one graph
     for all lengths); the first call (compile) and the warm-up steps are reported apart.
 
-Timed steps run in rounds (`--round-steps` of each implementation in turn) after
+(b) and each row of (c) run in a worker process of their own (`benchmarks/worker.py`), so
+that neither framework's allocator or thread pools slow the other; the main process runs
+(a) and drives the workers. Timed steps run in rounds (`--round-steps` of each
+implementation in turn) after
 `--warmup` untimed steps each. Training tokens/s = real target tokens / wall time of the
 timed steps. Ratios are transformer_jax / PyTorch (> 1: transformer_jax is faster).
 
@@ -47,7 +50,9 @@ import sys
 import time
 import warnings
 
-os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.45')  # Leave GPU memory to torch.
+# Inherited by the worker processes: leave GPU memory to torch and the other processes.
+os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.45')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -65,6 +70,7 @@ from transformer_jax import losses
 from transformer_jax import optim
 from transformer_jax import sharding
 from transformer_jax import train
+from worker import huge_pages_note, jax_environ, Worker
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 try:
@@ -235,6 +241,23 @@ class JaxLoop:
     self.losses.append(float(metrics['loss']))
     return seconds, tokens
 
+  def get_initial_params(self):
+    return self.initial_params
+
+  def reset_counts(self) -> None:
+    self.real = self.positions = 0
+
+  def stats(self) -> dict:
+    return {'losses': self.losses, 'real': self.real, 'positions': self.positions,
+            'new_shapes_while_timed': self.new_shapes_while_timed}
+
+
+def make_jax_loop(config, workdir: str) -> JaxLoop:
+  """(b) in a worker process: the data, the mesh and the Batcher as `train._train` makes them."""
+  sp, src, tgt = load_data(config, workdir)
+  mesh = sharding.make_mesh()
+  return JaxLoop(config, sp.vocab_size(), mesh, make_batcher(config, mesh), src, tgt)
+
 
 class TorchLoop:
   """(c): the PyTorch reference's training loop fed by `TutorialLoader`."""
@@ -267,6 +290,22 @@ class TorchLoop:
     self.positions = self.loader.positions
     self.real += tokens
     return seconds, tokens
+
+  def reset_counts(self) -> None:
+    self.real = self.positions = self.loader.positions = 0
+
+  def stats(self) -> dict:
+    return {'losses': self.losses, 'real': self.real, 'positions': self.positions}
+
+
+def make_torch_loop(config, workdir: str, device: str, compiled: bool,
+                    initial_params) -> TorchLoop:
+  """(c) in a worker process, from the tokenizer that the main process trained."""
+  torch.set_float32_matmul_precision('high')  # TF32 on GPUs, as JAX's default precision.
+  torch.manual_seed(config.seed)
+  sp, src, tgt = load_data(config, workdir)
+  return TorchLoop(config, sp.vocab_size(), src, tgt, torch.device(device), compiled,
+                   initial_params)
 
 
 # --- Main ------------------------------------------------------------------------------
@@ -317,14 +356,12 @@ def main(argv=None) -> int:
   mesh = sharding.make_mesh()
   use_torch = torch is not None and args.torch
   device = torch.device('cuda' if torch.cuda.is_available() else 'cpu') if use_torch else None
-  if use_torch:
-    torch.set_float32_matmul_precision('high')  # TF32 on GPUs, as JAX's default precision.
-    torch.manual_seed(config.seed)
   print(f'python {platform.python_version()}; jax {jax.__version__} on {len(jax.devices())} x '
         f'{jax.devices()[0].device_kind}; '
         + (f'torch {torch.__version__} on {device}, {torch.get_num_threads()} threads'
            if use_torch else f'torch missing or off ({TORCH_ERROR or "--no-torch"})')
-        + f'; {os.cpu_count()} CPUs; data {os.path.abspath(config.data_dir)}', flush=True)
+        + f'; {os.cpu_count()} CPUs; {huge_pages_note()}; data '
+        f'{os.path.abspath(config.data_dir)}', flush=True)
 
   start = time.perf_counter()
   sp, src, tgt = load_data(config, args.workdir)
@@ -339,36 +376,41 @@ def main(argv=None) -> int:
         f"(source {100 * pipeline['source_real_fraction']:.1f}%), first batch "
         f"{pipeline['first_batch_s']:.1f} s; shapes {pipeline['shapes']}", flush=True)
 
-  jax_loop = JaxLoop(config, sp.vocab_size(), mesh, batcher, src, tgt)
-  compiled = jax_loop.compile_all(args.compile_scan)
-  print(f"(b) transformer_jax: compiled {compiled['shapes_compiled']} of "
-        f"{compiled['shapes_expected']} batch shapes in {compiled['compile_s']:.1f} s "
-        f"(found in {compiled['scan_s']:.1f} s of scanning the pipeline)", flush=True)
-  loops, setup = [jax_loop], {JAX: {'first_call_s': compiled['compile_s']}}
-  if use_torch:
-    for is_compiled in ((False, True) if args.compile else (False,)):
-      loop = TorchLoop(config, sp.vocab_size(), src, tgt, device, is_compiled,
-                       jax_loop.initial_params)
-      first_s, _ = loop.run(1, timed=False)
-      setup[loop.name] = {'first_call_s': first_s}
-      loops.append(loop)
-      print(f'(c) {loop.name}: first call {first_s:.1f} s', flush=True)
-  for loop in loops:
-    setup[loop.name]['warmup_s'], _ = loop.run(args.warmup, timed=False)
-    print(f"  {loop.name}: {args.warmup} warm-up steps {setup[loop.name]['warmup_s']:.1f} s",
-          flush=True)
-    loop.real = loop.positions = 0
-    if isinstance(loop, TorchLoop):
-      loop.loader.positions = 0
-  totals = {loop.name: [0.0, 0] for loop in loops}
-  done = 0
-  while done < args.steps:
-    k = min(args.round_steps, args.steps - done)
+  loops = [Worker(make_jax_loop, config, args.workdir, environ=jax_environ())]
+  try:
+    compiled = loops[0].call('compile_all', args.compile_scan)
+    print(f"(b) transformer_jax: compiled {compiled['shapes_compiled']} of "
+          f"{compiled['shapes_expected']} batch shapes in {compiled['compile_s']:.1f} s "
+          f"(found in {compiled['scan_s']:.1f} s of scanning the pipeline)", flush=True)
+    setup = {JAX: {'first_call_s': compiled['compile_s']}}
+    if use_torch:
+      initial_params = loops[0].call('get_initial_params')
+      for is_compiled in ((False, True) if args.compile else (False,)):
+        loop = Worker(make_torch_loop, config, args.workdir, device.type, is_compiled,
+                      initial_params)
+        first_s, _ = loop.call('run', 1, False)
+        setup[loop.name] = {'first_call_s': first_s}
+        loops.append(loop)
+        print(f'(c) {loop.name}: first call {first_s:.1f} s', flush=True)
+      del initial_params
     for loop in loops:
-      seconds, tokens = loop.run(k, timed=True)
-      totals[loop.name][0] += seconds
-      totals[loop.name][1] += tokens
-    done += k
+      setup[loop.name]['warmup_s'], _ = loop.call('run', args.warmup, False)
+      print(f"  {loop.name}: {args.warmup} warm-up steps {setup[loop.name]['warmup_s']:.1f} s",
+            flush=True)
+      loop.call('reset_counts')
+    totals = {loop.name: [0.0, 0] for loop in loops}
+    done = 0
+    while done < args.steps:
+      k = min(args.round_steps, args.steps - done)
+      for loop in loops:
+        seconds, tokens = loop.call('run', k, True)
+        totals[loop.name][0] += seconds
+        totals[loop.name][1] += tokens
+      done += k
+    stats = {loop.name: loop.call('stats') for loop in loops}
+  finally:
+    for loop in loops:
+      loop.close()
 
   rate = {name: tokens / seconds for name, (seconds, tokens) in totals.items()}
   ratio = lambda name: f'{rate[JAX] / rate[name]:.2f}x' if name in rate else ''
@@ -376,17 +418,16 @@ def main(argv=None) -> int:
   rows = [[f'(a) Batcher.train alone, {batching}', f"{pipeline['first_batch_s']:.1f}", '',
            f"{pipeline['batches_per_s']:.1f}", f"{pipeline['tokens_per_s']:.0f}",
            f"{100 * pipeline['target_real_fraction']:.1f}", '', '']]
-  for loop in loops:
-    seconds, tokens = totals[loop.name]
+  for name, (seconds, tokens) in totals.items():
     label = {JAX: f'(b) transformer_jax, Batcher {batching}',
              EAGER: '(c) torch eager, DataLoader 128',
-             COMPILED: '(c) torch.compile dynamic, DataLoader 128'}[loop.name]
-    rows.append([label, f"{setup[loop.name]['first_call_s']:.1f}",
-                 f"{setup[loop.name]['warmup_s']:.1f}", f'{args.steps / seconds:.2f}',
+             COMPILED: '(c) torch.compile dynamic, DataLoader 128'}[name]
+    rows.append([label, f"{setup[name]['first_call_s']:.1f}",
+                 f"{setup[name]['warmup_s']:.1f}", f'{args.steps / seconds:.2f}',
                  f'{tokens / seconds:.0f}',
-                 f'{100 * loop.real / max(loop.positions, 1):.1f}',
-                 ratio(EAGER) if loop.name == JAX else '',
-                 ratio(COMPILED) if loop.name == JAX else ''])
+                 f"{100 * stats[name]['real'] / max(stats[name]['positions'], 1):.1f}",
+                 ratio(EAGER) if name == JAX else '',
+                 ratio(COMPILED) if name == JAX else ''])
   print('\nMulti30k train, configs/mt.py model (d_model %d, %d heads, d_ff %d, %d+%d layers, '
         'vocab %d), %s' % (config.d_model, config.num_heads, config.d_ff,
                            config.num_encoder_layers, config.num_decoder_layers,
@@ -398,12 +439,13 @@ def main(argv=None) -> int:
         f'each); (c) the first step. {args.warmup} warm-up steps each, then {args.steps} timed '
         f'steps in rounds of {args.round_steps}. real tgt %: real tokens among the computed '
         f'target positions. x: transformer_jax / PyTorch real target tokens/s.')
-  if jax_loop.new_shapes_while_timed:
-    print(f'WARNING: {jax_loop.new_shapes_while_timed} batch shapes were first seen (compiled) '
-          'during the timed steps; raise --compile-scan')
-  for loop in loops:
-    print(f'  loss {loop.name}: {loop.losses[0]:.3f} -> {loop.losses[-1]:.3f}')
-  bad = [loop.name for loop in loops if not np.all(np.isfinite(loop.losses))]
+  new_shapes = stats[JAX]['new_shapes_while_timed']
+  if new_shapes:
+    print(f'WARNING: {new_shapes} batch shapes were first seen (compiled) during the timed '
+          'steps; raise --compile-scan')
+  for name, stat in stats.items():
+    print(f"  loss {name}: {stat['losses'][0]:.3f} -> {stat['losses'][-1]:.3f}")
+  bad = [name for name, stat in stats.items() if not np.all(np.isfinite(stat['losses']))]
   if bad:
     print(f'ERROR: non-finite loss in {bad}', file=sys.stderr)
   return 1 if bad else 0

@@ -3,8 +3,9 @@
   python benchmarks/throughput.py [--quick] [--shapes small,base] [--dtypes float32,bfloat16]
                                   [--steps N] [--json FILE]
 
-For each model shape and dtype, in one process, on the default JAX device and on CUDA for
-torch when it is available (else the CPU):
+For each model shape and dtype, each implementation in a Python process of its own (so that
+neither framework's allocator or thread pools slow the other), on the default JAX device and
+on CUDA for torch when it is available (else the CPU):
 
 - transformer_jax: `train.create_state` and `train.train_step` jitted as `train._train` does,
   from `configs/mt.py` with the shape, dtype ('bfloat16' = bfloat16 compute, float32
@@ -25,8 +26,8 @@ sequences/s; MFU = `flops.train_flops` of the padded shapes / step time / peak F
 same peak for both frameworks); peak memory: on GPUs the PyTorch caching allocator's
 `max_memory_allocated` during the row's steps, and for JAX the compiled train step's XLA
 buffer plan (arguments + outputs + temporaries - donated aliases); on CPUs the process's peak
-resident set size (VmHWM, reset before each implementation's steps), which is the whole
-process: both frameworks' parameters and caches included.
+resident set size (VmHWM, reset before each round of steps) of the implementation's own
+process.
 
 Decoding (unless `--no-decode`): the source side of the first batch, with the initial
 weights, output capped at 1.5 x source tokens + 10 as `translate.Translator` does;
@@ -52,8 +53,10 @@ import sys
 import time
 import warnings
 
-# Before JAX starts: leave GPU memory to PyTorch (JAX preallocates 75% by default), and
-# keep TensorFlow (imported by transformer_jax.data) quiet.
+# Before JAX starts (inherited by the worker processes): leave GPU memory to PyTorch and to
+# the other processes (JAX preallocates 75% by default), and keep TensorFlow (imported by
+# transformer_jax.data) quiet.
+os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.45')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
@@ -76,6 +79,7 @@ from transformer_jax import sharding
 from transformer_jax import train
 from transformer_jax import translate
 from transformer_jax.tokenizer import EOS_ID
+from worker import huge_pages_note, jax_environ, Worker
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 try:
@@ -102,6 +106,8 @@ class Shape:
   batch_size: int
   length: int
 
+
+NUM_BATCHES = 4  # Training batches per (shape, dtype), used in turn.
 
 SHAPES = {
     'small': Shape('small', 3, 256, 8, 512, 8000, 128, 32),
@@ -162,22 +168,62 @@ def median(values) -> float:
   return float(statistics.median(values)) if values else float('nan')
 
 
-# --- Implementations -------------------------------------------------------------------
+# --- Implementations, each in a process of its own -------------------------------------
 
 
-class JaxTrainer:
+class _Timed:
+  """Timing shared by both implementations; subclasses define `step` and `decoders`."""
+  name = ''
+  on_gpu = False
+  decoders: dict = {}
+
+  def timed_steps(self, k: int) -> tuple[list[float], list[float], int]:
+    """k synchronized steps -> (seconds per step, losses, peak bytes during them)."""
+    self._reset_peak()
+    times, step_losses = [], []
+    for _ in range(k):
+      start = time.perf_counter()
+      step_losses.append(self.step())
+      times.append(time.perf_counter() - start)
+    return times, step_losses, self._peak()
+
+  def has_decoder(self, kind: str) -> bool:
+    return kind in self.decoders
+
+  def timed_decode(self, kind: str) -> tuple[float, np.ndarray]:
+    """One decoding call -> (seconds, int [B, L] outputs)."""
+    start = time.perf_counter()
+    outputs = self.decoders[kind]()
+    return time.perf_counter() - start, outputs
+
+  def _reset_peak(self) -> None:
+    if not self.on_gpu:
+      reset_peak_rss()
+
+  def _peak(self) -> int:
+    return peak_rss_bytes() if not self.on_gpu else -1
+
+
+def jax_config(shape: Shape, dtype: str):
+  """configs/mt.py with the shape, `dtype` compute over float32 parameters, a constant
+  learning rate of 1e-3."""
+  config = mt.get_config()
+  config.d_model, config.num_heads, config.d_ff = shape.d_model, shape.num_heads, shape.d_ff
+  config.num_encoder_layers = config.num_decoder_layers = shape.num_layers
+  config.dtype, config.param_dtype = dtype, 'float32'
+  config.schedule, config.warmup_steps, config.learning_rate = 'constant', 0, 1e-3
+  return config
+
+
+class JaxTrainer(_Timed):
   """transformer_jax's train step as `train._train` jits it, on pre-placed batches."""
   name = JAX
 
-  def __init__(self, shape: Shape, dtype: str, batches: list[dict]):
-    config = mt.get_config()
-    config.d_model, config.num_heads, config.d_ff = shape.d_model, shape.num_heads, shape.d_ff
-    config.num_encoder_layers = config.num_decoder_layers = shape.num_layers
-    config.dtype, config.param_dtype = dtype, 'float32'
-    config.schedule, config.warmup_steps, config.learning_rate = 'constant', 0, 1e-3
+  def __init__(self, shape: Shape, dtype: str, seed: int):
+    config = jax_config(shape, dtype)
+    self.on_gpu = jax_on_gpu()
     self.mesh = sharding.make_mesh()
     self.model, optimizer, self.state = train.create_state(config, shape.vocab_size, self.mesh)
-    self.model_config = self.model.config
     # A host copy of the initial weights: the state's buffers are donated to the steps.
     self.initial_params = jax.device_get(self.state.params)
     replicated = sharding.replicated(self.mesh)
@@ -187,8 +233,13 @@ class JaxTrainer:
                           schedule=optim.learning_rate_schedule(config), seed=config.seed),
         in_shardings=(replicated, sharding.batch_sharding(self.mesh)),
         out_shardings=(replicated, replicated), donate_argnums=0)
-    self.batches = [sharding.put_batch(b, self.mesh) for b in batches]
+    self.batches = [sharding.put_batch(b, self.mesh)
+                    for b in make_batches(shape, NUM_BATCHES, seed)]
     self.i = 0
+
+  def get_initial_params(self):
+    """The initial parameters as a tree of NumPy arrays."""
+    return self.initial_params
 
   def planned_bytes(self) -> int:
     """The compiled train step's XLA buffer plan: arguments + outputs + temporaries -
@@ -206,25 +257,83 @@ class JaxTrainer:
     self.i += 1
     return float(metrics['loss'])
 
+  def eval_logits(self, batch: dict) -> tuple[np.ndarray, float]:
+    """Logits float32 [B, T, V] and label-smoothed loss of the initial weights, no dropout."""
+    logits = np.asarray(self.model.apply({'params': self.initial_params}, batch['inputs'],
+                                         batch['targets']), np.float32)
+    weights = (batch['targets'] != 0).astype(np.float32)
+    return logits, float(losses.cross_entropy(logits, batch['targets'], weights, 0.1)[0])
 
-class TorchTrainer:
+  def prepare_decoding(self, inputs: np.ndarray, caps: np.ndarray, max_length: int,
+                       compiled: bool) -> None:
+    """Greedy and beam-4 decoders of inputs int32 [B, S] with the initial weights."""
+    del compiled  # Always jitted.
+    params = jax.device_put(self.initial_params)
+    j_inputs, j_caps = jax.device_put(inputs), jax.device_put(caps)
+    self.decoders = {}
+    for kind, beam in (('greedy', 0), ('beam4', 4)):
+      fn = jax.jit(functools.partial(_jax_search, model=self.model, max_length=max_length,
+                                     beam_size=beam))
+      self.decoders[kind] = functools.partial(
+          lambda f: np.asarray(f(params, j_inputs, j_caps)), fn)
+
+
+class TorchTrainer(_Timed):
   """The PyTorch reference's train step, eager or compiled, on pre-placed batches."""
 
-  def __init__(self, shape: Shape, dtype: str, batches: list[dict], device, compiled: bool,
-               initial_params):
+  def __init__(self, shape: Shape, dtype: str, seed: int, device: str, compiled: bool,
+               initial_params, matmul_precision: str):
     self.name = COMPILED if compiled else EAGER
-    self.device = device
-    model = make_torch_model(shape, device, initial_params)
+    self.shape, self.dtype, self.initial_params = shape, dtype, initial_params
+    self.device = torch.device(device)
+    self.on_gpu = self.device.type == 'cuda'
+    torch.set_float32_matmul_precision(matmul_precision)
+    torch.manual_seed(seed)
+    model = make_torch_model(shape, self.device, initial_params)
     model.train()
     self.step_fn = torch_reference.TrainStep(model, dtype=dtype, compile=compiled)
-    self.batches = [tuple(torch.from_numpy(b[k]).long().to(device)
-                          for k in ('inputs', 'targets')) for b in batches]
+    self.batches = [tuple(torch.from_numpy(b[k]).long().to(self.device)
+                          for k in ('inputs', 'targets'))
+                    for b in make_batches(shape, NUM_BATCHES, seed)]
     self.i = 0
 
   def step(self) -> float:
     loss = self.step_fn(*self.batches[self.i % len(self.batches)])
     self.i += 1
     return float(loss)  # Waits for the device.
+
+  def _reset_peak(self) -> None:
+    if self.on_gpu:
+      torch.cuda.reset_peak_memory_stats()
+    else:
+      reset_peak_rss()
+
+  def _peak(self) -> int:
+    return torch.cuda.max_memory_allocated() if self.on_gpu else peak_rss_bytes()
+
+  def eval_logits(self, batch: dict) -> tuple[np.ndarray, float]:
+    """As `JaxTrainer.eval_logits`, with a fresh model from the initial weights."""
+    model = make_torch_model(self.shape, self.device, self.initial_params).eval()
+    inputs, targets = (torch.from_numpy(batch[k]).long().to(self.device)
+                       for k in ('inputs', 'targets'))
+    with torch.inference_mode(), torch_reference.autocast(self.device, self.dtype):
+      logits = model(inputs, targets)
+      loss = float(torch_reference.label_smoothed_cross_entropy(logits, targets))
+    return logits.float().cpu().numpy(), loss
+
+  def prepare_decoding(self, inputs: np.ndarray, caps: np.ndarray, max_length: int,
+                       compiled: bool) -> None:
+    """Greedy decoding as the PyTorch tutorial does it (no beam search there)."""
+    del max_length  # GreedyDecoder stops at the caps.
+    self.decoders = {}
+    if self.name == COMPILED and not compiled:
+      return
+    model = make_torch_model(self.shape, self.device, self.initial_params).eval()
+    greedy = torch_reference.GreedyDecoder(model, dtype=self.dtype,
+                                           compile=self.name == COMPILED)
+    t_inputs = torch.from_numpy(inputs).long().to(self.device)
+    t_caps = torch.from_numpy(caps).long().to(self.device)
+    self.decoders['greedy'] = lambda: greedy(t_inputs, t_caps).cpu().numpy()
 
 
 def make_torch_model(shape: Shape, device, initial_params):
@@ -277,61 +386,37 @@ def peak_flops(dtype: str, cache: dict = {}) -> float:  # pylint: disable=danger
   return cache[dtype]
 
 
-def check_same_model(jax_trainer: JaxTrainer, shape: Shape, dtype: str, batch: dict,
-                     torch_device) -> dict:
+def check_same_model(workers: list[Worker], batch: dict) -> dict:
   """Logits and loss of both models with the initial weights, dropout off."""
-  model = jax_trainer.model
-  logits_jax = np.asarray(model.apply({'params': jax_trainer.initial_params},
-                                      batch['inputs'], batch['targets']))
-  weights = (batch['targets'] != 0).astype(np.float32)
-  loss_jax = float(losses.cross_entropy(logits_jax, batch['targets'], weights, 0.1)[0])
-  torch_model = make_torch_model(shape, torch_device, jax_trainer.initial_params).eval()
-  inputs, targets = (torch.from_numpy(batch[k]).long().to(torch_device)
-                     for k in ('inputs', 'targets'))
-  with torch.inference_mode(), torch_reference.autocast(torch_device, dtype):
-    logits_torch = torch_model(inputs, targets)
-    loss_torch = float(torch_reference.label_smoothed_cross_entropy(logits_torch, targets))
-  real = batch['targets'] != 0
-  diff = np.abs(logits_jax - logits_torch.float().cpu().numpy())[real]
+  logits_jax, loss_jax = workers[0].call('eval_logits', batch)
+  logits_torch, loss_torch = workers[1].call('eval_logits', batch)
+  diff = np.abs(logits_jax - logits_torch)[batch['targets'] != 0]
   return {'max_abs_logit_diff': float(diff.max()), 'loss_jax': loss_jax,
           'loss_torch': loss_torch}
 
 
-def bench_training(trainers: list, args, shape: Shape, batches: list[dict]) -> dict:
-  """First call, warm-up, then `args.steps` timed steps per trainer in rounds."""
-  results = {t.name: {'losses': [], 'times': [], 'peak_bytes': 0} for t in trainers}
-  for t in trainers:
-    start = time.perf_counter()
-    results[t.name]['losses'].append(t.step())
-    results[t.name]['first_call_s'] = time.perf_counter() - start
-    for _ in range(args.warmup):
-      results[t.name]['losses'].append(t.step())
-    print(f'  {t.name}: first call {results[t.name]["first_call_s"]:.1f} s', flush=True)
-  gpu = jax_on_gpu()
+def bench_training(workers: list[Worker], args, shape: Shape, batches: list[dict]) -> dict:
+  """First call, warm-up, then `args.steps` timed steps per implementation in rounds."""
+  results = {w.name: {'losses': [], 'times': [], 'peak_bytes': 0} for w in workers}
+  for w in workers:
+    r = results[w.name]
+    (r['first_call_s'],), r['losses'], _ = w.call('timed_steps', 1)
+    r['losses'] += w.call('timed_steps', args.warmup)[1]
+    print(f'  {w.name}: first call {r["first_call_s"]:.1f} s', flush=True)
   done = 0
   while done < args.steps:
     k = min(args.round_steps, args.steps - done)
-    for t in trainers:
-      r = results[t.name]
-      if not gpu:
-        reset_peak_rss()
-      elif t.name != JAX:
-        torch.cuda.reset_peak_memory_stats()
-      for _ in range(k):
-        start = time.perf_counter()
-        r['losses'].append(t.step())
-        r['times'].append(time.perf_counter() - start)
-      if not gpu:
-        r['peak_bytes'] = max(r['peak_bytes'], peak_rss_bytes())
-      elif t.name != JAX:
-        r['peak_bytes'] = max(r['peak_bytes'], torch.cuda.max_memory_allocated())
+    for w in workers:
+      r = results[w.name]
+      times, step_losses, peak = w.call('timed_steps', k)
+      r['times'] += times
+      r['losses'] += step_losses
+      r['peak_bytes'] = max(r['peak_bytes'], peak)
     done += k
-  if gpu and JAX in results:
-    results[JAX]['peak_bytes'] = next(t for t in trainers if t.name == JAX).planned_bytes()
-  tokens = [int(np.count_nonzero(batches[i % len(batches)]['targets']))
-            for i in range(len(batches))]
-  for t in trainers:
-    r = results[t.name]
+  if jax_on_gpu():
+    results[JAX]['peak_bytes'] = workers[0].call('planned_bytes')
+  tokens = [int(np.count_nonzero(b['targets'])) for b in batches]
+  for r in results.values():
     # Which batch each timed step used: steps are taken in order, cycling over `batches`.
     first = 1 + args.warmup
     step_tokens = [tokens[(first + i) % len(tokens)] for i in range(len(r['times']))]
@@ -341,43 +426,26 @@ def bench_training(trainers: list, args, shape: Shape, batches: list[dict]) -> d
   return results
 
 
-def bench_decoding(jax_trainer: JaxTrainer, args, shape: Shape, dtype: str, batch: dict,
-                   torch_device) -> dict:
+def bench_decoding(workers: list[Worker], args, batch: dict) -> dict:
   """Greedy (both frameworks) and beam 4 (transformer_jax) decoding of one batch."""
-  model, params = jax_trainer.model, jax.device_put(jax_trainer.initial_params)
   inputs = batch['inputs'][:args.decode_batch or None]
   source_lengths = (inputs != 0).sum(1)
   max_length = int(translate.max_output_length(inputs.shape[1], 1.5, 10))
   caps = translate.max_output_length(source_lengths, 1.5, 10).astype(np.int32)
-  decoders = {}
-  j_inputs, j_caps = jax.device_put(inputs), jax.device_put(caps)
-  for name, beam in (('greedy', 0), ('beam4', 4)):
-    fn = jax.jit(functools.partial(_jax_search, model=model, max_length=max_length,
-                                   beam_size=beam))
-    decoders[(JAX, name)] = functools.partial(
-        lambda f: np.asarray(f(params, j_inputs, j_caps)), fn)
-  if torch_device is not None:
-    torch_model = make_torch_model(shape, torch_device, jax_trainer.initial_params).eval()
-    t_inputs = torch.from_numpy(inputs).long().to(torch_device)
-    t_caps = torch.from_numpy(caps).long().to(torch_device)
-    for impl, compiled in ((EAGER, False), (COMPILED, True)):
-      if compiled and not (args.compile and args.compile_decode):
-        continue
-      greedy = torch_reference.GreedyDecoder(torch_model, dtype=dtype, compile=compiled)
-      decoders[(impl, 'greedy')] = functools.partial(
-          lambda g: g(t_inputs, t_caps).cpu().numpy(), greedy)
-  results = {key: {'times': []} for key in decoders}
-  for key, fn in decoders.items():
-    start = time.perf_counter()
-    results[key]['outputs'] = fn()
-    results[key]['first_call_s'] = time.perf_counter() - start
-    print(f'  decode {key[0]} {key[1]}: first call {results[key]["first_call_s"]:.1f} s',
-          flush=True)
+  kinds = {}
+  for w in workers:
+    w.call('prepare_decoding', inputs, caps, max_length, args.compile_decode)
+    kinds[w.name] = [k for k in ('greedy', 'beam4') if w.call('has_decoder', k)]
+  results = {}
+  for w in workers:
+    for kind in kinds[w.name]:
+      seconds, outputs = w.call('timed_decode', kind)
+      results[(w.name, kind)] = {'first_call_s': seconds, 'outputs': outputs, 'times': []}
+      print(f'  decode {w.name} {kind}: first call {seconds:.1f} s', flush=True)
   for _ in range(args.decode_reps):
-    for key, fn in decoders.items():
-      start = time.perf_counter()
-      fn()
-      results[key]['times'].append(time.perf_counter() - start)
+    for w in workers:
+      for kind in kinds[w.name]:
+        results[(w.name, kind)]['times'].append(w.call('timed_decode', kind)[0])
   reference = results[(JAX, 'greedy')]['outputs']
   for key, r in results.items():
     r['sentences_per_s'] = len(inputs) / median(r['times'])
@@ -406,25 +474,28 @@ def run(args, torch_device) -> list[dict]:
         continue
       combo_start = time.perf_counter()
       print(f'== {shape_name} {dtype}', flush=True)
-      batches = make_batches(shape, 4, args.seed)
-      trainers = [JaxTrainer(shape, dtype, batches)]
-      jax_trainer = trainers[0]
-      check = {}
-      if torch_device is not None:
-        check = check_same_model(jax_trainer, shape, dtype, batches[0], torch_device)
-        print(f"  same weights, dropout off: max |logit diff| {check['max_abs_logit_diff']:.2e}, "
-              f"loss {check['loss_jax']:.4f} (jax) {check['loss_torch']:.4f} (torch)", flush=True)
-        trainers.append(TorchTrainer(shape, dtype, batches, torch_device, False,
-                                     jax_trainer.initial_params))
-        if args.compile:
-          trainers.append(TorchTrainer(shape, dtype, batches, torch_device, True,
-                                       jax_trainer.initial_params))
-      train_results = bench_training(trainers, args, shape, batches)
-      decode_results = {}
-      if args.decode:
-        decode_results = bench_decoding(jax_trainer, args, shape, dtype, batches[0],
-                                        torch_device)
-      train_flops = flops.train_flops(jax_trainer.model_config, shape.batch_size, shape.length,
+      batches = make_batches(shape, NUM_BATCHES, args.seed)
+      workers = [Worker(JaxTrainer, shape, dtype, args.seed, environ=jax_environ())]
+      try:
+        check = {}
+        if torch_device is not None:
+          initial_params = workers[0].call('get_initial_params')
+          for compiled in (False, True) if args.compile else (False,):
+            workers.append(Worker(TorchTrainer, shape, dtype, args.seed, torch_device.type,
+                                  compiled, initial_params, args.torch_matmul_precision))
+          del initial_params
+          check = check_same_model(workers, batches[0])
+          print(f"  same weights, dropout off: max |logit diff| "
+                f"{check['max_abs_logit_diff']:.2e}, loss {check['loss_jax']:.4f} (jax) "
+                f"{check['loss_torch']:.4f} (torch)", flush=True)
+        train_results = bench_training(workers, args, shape, batches)
+        decode_results = bench_decoding(workers, args, batches[0]) if args.decode else {}
+      finally:
+        for w in workers:
+          w.close()
+      model_config = models.TransformerConfig.from_config(jax_config(shape, dtype),
+                                                          shape.vocab_size)
+      train_flops = flops.train_flops(model_config, shape.batch_size, shape.length,
                                       shape.length)
       for impl, r in train_results.items():
         line = (f"  -> {impl}: {1e3 * r['step_s']:.1f} ms/step, {r['tokens_per_s']:.0f} tok/s")
@@ -448,7 +519,6 @@ def run(args, torch_device) -> list[dict]:
             if 'same_as_jax_greedy' in d:
               row['greedy_same_as_jax'] = d['same_as_jax_greedy']
         rows.append(row)
-      del trainers, jax_trainer
       longest = max(longest, time.perf_counter() - combo_start)
   return rows
 
@@ -480,7 +550,7 @@ def _num(value, fmt: str) -> str:
 def report(rows: list[dict], args) -> str:
   gpu = jax_on_gpu()
   memory = ('torch: max_memory_allocated during the steps; JAX: XLA buffer plan of the step'
-            if gpu else 'process peak RSS during the row\'s steps (both frameworks loaded)')
+            if gpu else 'peak RSS of the implementation\'s own process during its steps')
   lines = ['', 'Training (medians over the timed steps; tok/s = real target tokens/s; '
            'x = transformer_jax / PyTorch)']
   lines.append(format_table(
@@ -530,6 +600,7 @@ def environment(torch_device) -> str:
     parts.append(f'torch missing ({TORCH_ERROR}): PyTorch rows skipped; '
                  'pip install -r requirements-bench.txt')
   parts.append(f'{os.cpu_count()} CPUs')
+  parts.append(huge_pages_note())
   return '; '.join(parts)
 
 

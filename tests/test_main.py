@@ -8,6 +8,7 @@ import time
 import pytest
 
 from tests.conftest import REPO
+from transformer_jax import hugepages
 
 
 def run_main(*args, **kwargs):
@@ -67,7 +68,12 @@ def test_ctrl_c_leaves_a_restorable_checkpoint_and_rerun_resumes(data_dir, tmp_p
   assert steps and steps[-1] >= 10
   latest = steps[-1]
   # The step reached at Ctrl-C was saved, whether or not it is a multiple of 5.
-  assert f'Interrupted: saved a checkpoint at step {latest}' in (tmp_path / 'train.log').read_text()
+  log = (tmp_path / 'train.log').read_text()
+  assert f'Interrupted: saved a checkpoint at step {latest}' in log
+  # The CLI re-executed itself with huge pages for malloc where that helps (hugepages.py).
+  environ = hugepages.environ_with_tunable(dict(os.environ), hugepages.thp_mode(),
+                                           hugepages.glibc_version()) or os.environ
+  assert f"malloc huge pages: {'on' if hugepages.active(environ) else 'off'}" in log
   # Rerun: restores the latest checkpoint and trains 5 more steps.
   done = run_main(*args, f'--config.num_train_steps={latest + 5}')
   assert done.returncode == 0, done.stderr[-2000:]

@@ -19,6 +19,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from transformer_jax import config_schema
+from transformer_jax import hugepages
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Folder for everything the run writes (tokenizer, '
@@ -107,4 +108,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # Huge pages for malloc: 10-20% faster CPU train steps (transformer_jax/hugepages.py).
+  hugepages.reexec_with_huge_pages([sys.executable, '-m', 'transformer_jax.main', *sys.argv[1:]])
   app.run(main, flags_parser=parse_flags)
