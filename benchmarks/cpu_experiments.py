@@ -1,13 +1,16 @@
 """The experiments behind docs/performance.md: train-step time of one model shape under
-XLA flags, dtypes, PRNG implementations and dropout settings, each in a fresh process.
+XLA flags, huge pages for malloc, dtypes, PRNG implementations and dropout settings, each
+in a fresh process.
 
   python benchmarks/cpu_experiments.py                 # every experiment, ~10 min
-  python benchmarks/cpu_experiments.py --only=base,bf16  # some of them
+  python benchmarks/cpu_experiments.py --only=base,huge_pages  # some of them
   python benchmarks/cpu_experiments.py --step --dtype=bfloat16  # one measurement
 
 Shape: issue 4's "small" model (3+3 layers, d_model 256, 8 heads, d_ff 512, vocab
 8000) on batches of 128 pairs padded to 32 tokens, half of them real. Prints the median
-step time over --steps steps after 3 warm-up steps, and real target tokens/s.
+step time over --steps steps after 3 warm-up steps, real target tokens/s, and the minor
+page faults per step. GLIBC_TUNABLES is removed from every experiment's environment except
+where it sets huge pages.
 """
 from __future__ import annotations
 
@@ -20,9 +23,13 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# name -> (extra XLA_FLAGS, extra arguments of --step)
+HUGE_PAGES = 'GLIBC_TUNABLES=glibc.malloc.hugetlb=1'  # What transformer_jax.main sets.
+
+# name -> (extra XLA_FLAGS or another VAR=VALUE environment setting, extra arguments of --step)
 EXPERIMENTS = {
     'base': ('', []),
+    'huge_pages': (HUGE_PAGES, []),
+    'huge_pages_bf16': (HUGE_PAGES, ['--dtype=bfloat16']),
     'no_dropout': ('', ['--dropout=0']),
     'rbg_prng': ('', ['--prng=rbg']),
     'bf16': ('', ['--dtype=bfloat16']),
@@ -45,6 +52,7 @@ def step_benchmark(args) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   if args.prng != 'threefry':
     jax.config.update('jax_default_prng_impl', args.prng)
+  import resource  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from configs import mt  # pylint: disable=g-import-not-at-top
   from transformer_jax import losses, optim, sharding, train  # pylint: disable=g-import-not-at-top
@@ -70,14 +78,17 @@ def step_benchmark(args) -> None:
     state, _ = step(state, batch)
   jax.block_until_ready(state)
   times = []
+  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   for _ in range(args.steps):
     start = time.perf_counter()
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
+  faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) // args.steps
   median = float(np.median(times))
   print(f'RESULT step_ms={1000 * median:.1f} tokens_per_s={lengths[1].sum() / median:.0f} '
-        f'compile_s={compile_s:.1f} loss={float(metrics["loss"]):.3f}')
+        f'compile_s={compile_s:.1f} loss={float(metrics["loss"]):.3f} '
+        f'page_faults_per_step={faults}')
 
 
 def main() -> None:
@@ -93,10 +104,14 @@ def main() -> None:
     step_benchmark(args)
     return
   names = args.only.split(',') if args.only else list(EXPERIMENTS)
-  print(f'{"experiment":<26} {"XLA_FLAGS":<70} result')
+  print(f'{"experiment":<26} {"environment":<70} result')
   for name in names:
     flags, extra = EXPERIMENTS[name]
     env = {**os.environ, 'XLA_FLAGS': flags, 'TF_CPP_MIN_LOG_LEVEL': '3'}
+    env.pop('GLIBC_TUNABLES', None)  # Huge pages only where the experiment says.
+    if flags and not flags.startswith('--'):
+      var, value = flags.split('=', 1)
+      env.update({'XLA_FLAGS': '', var: value})
     proc = subprocess.run([sys.executable, __file__, '--step', f'--steps={args.steps}', *extra],
                           env=env, capture_output=True, text=True, check=False)
     lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT')]
