@@ -63,7 +63,8 @@ def test_ctrl_c_leaves_a_restorable_checkpoint_and_rerun_resumes(data_dir, tmp_p
   proc.send_signal(signal.SIGINT)
   _, stderr = proc.communicate(timeout=120)
   assert proc.returncode == 130, stderr[-2000:]
-  assert 'interrupted: checkpoint saved; rerun with --workdir' in stderr
+  assert (f'interrupted: rerun with --workdir={tmp_path} to resume from its latest checkpoint'
+          in stderr)
   steps = sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
   assert steps and steps[-1] >= 10
   latest = steps[-1]

@@ -98,8 +98,8 @@ def main(argv):
     sys.exit(f'error: {e}')
   except KeyboardInterrupt:
     if FLAGS.mode == 'train':
-      print(f'interrupted: checkpoint saved; rerun with --workdir={workdir} to resume',
-            file=sys.stderr)
+      print(f'interrupted: rerun with --workdir={workdir} to resume from its latest '
+            'checkpoint', file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     # Checkpoints are complete (train waits for them). Skip the interpreter's teardown:

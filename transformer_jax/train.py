@@ -6,6 +6,7 @@ import json
 import logging as py_logging
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -334,19 +335,24 @@ def _train(config, workdir: str, loss_fn: losses.LossFn) -> TrainState:
       for step in range(start_step + 1, config.num_train_steps + 1):
         batch = next(train_iter)
         throughput.add(batch)
+        last = step == config.num_train_steps
+        do_eval = step % config.eval_every_steps == 0 or last
+        do_bleu = config.bleu_every_steps and (step % config.bleu_every_steps == 0 or last)
+        do_log = step % config.log_every_steps == 0 or do_eval
         shape = (batch['inputs'].shape, batch['targets'].shape)
-        if shape not in shapes:  # jit compiles once per batch shape.
+        compiles = shape not in shapes  # jit compiles once per batch shape.
+        if compiles:
           shapes.add(shape)
           logging.info('Compiling the train step for batch shape %s (%d so far)', shape,
                        len(shapes))
         state, metrics = p_train_step(state, sharding.put_batch(batch, mesh))
         pending.append(metrics)
         bar.update(1)
-        last = step == config.num_train_steps
-        do_eval = step % config.eval_every_steps == 0 or last
-        do_bleu = config.bleu_every_steps and (step % config.bleu_every_steps == 0 or last)
+        if compiles and not do_log:  # Compile time is not training time.
+          jax.block_until_ready(metrics)
+          throughput.reset()
 
-        if step % config.log_every_steps == 0 or do_eval:
+        if do_log:
           train_summary = _summarize(pending, throughput)
           for name, value in train_summary.items():
             writer.scalar(f'train/{name}', value, step)
@@ -377,7 +383,7 @@ def _train(config, workdir: str, loss_fn: losses.LossFn) -> TrainState:
           _log(bar, f'Early stopping at step {step}: no BLEU improvement in {config.patience} '
                     f'evaluations (best {best.bleu:.2f} at step {best.step})')
           break
-        if step % config.log_every_steps == 0 or do_eval:
+        if do_log:
           throughput.reset()  # Eval and checkpoint time is not training time.
         if interrupt.requested:
           raise KeyboardInterrupt
@@ -386,9 +392,18 @@ def _train(config, workdir: str, loss_fn: losses.LossFn) -> TrainState:
     try:
       if int(state.step) not in manager.all_steps():
         checkpoints.save(manager, state)
+      manager.wait_until_finished()  # A save may still be running in the background.
       _log(bar, f'Interrupted: saved a checkpoint at step {int(state.step)}')
     except RuntimeError as e:  # Interrupted between a step's dispatch and its result.
       logging.warning('Interrupted; could not save the current step (%s)', e)
+    except KeyboardInterrupt:  # A second Ctrl-C while the checkpoint was being written.
+      _log(bar, f'Interrupted again: the checkpoint of step {int(state.step)} may be '
+                'incomplete; the latest complete one is restored on rerun')
+      for handler in py_logging.getLogger().handlers:
+        handler.flush()
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(130)  # Waiting for the writer threads again could hang.
     raise
   finally:
     bar.close()
