@@ -64,9 +64,7 @@ def jax_environ() -> dict:
   """The environment `python -m transformer_jax.main` re-executes itself with: this one
   plus huge pages for malloc where they help."""
   from transformer_jax import hugepages  # pylint: disable=g-import-not-at-top
-  environ = dict(os.environ)
-  return hugepages.environ_with_tunable(environ, hugepages.thp_mode(),
-                                        hugepages.glibc_version()) or environ
+  return hugepages.cli_environ()
 
 
 def huge_pages_note() -> str:

@@ -56,8 +56,7 @@ def test_reexec_sets_the_tunable_only_where_it_helps(off, tmp_path):
     environ[hugepages.OFF_ENV] = '0'
   proc = subprocess.run([sys.executable, str(script)], env=environ, capture_output=True,
                         text=True, timeout=60, check=True)
-  expected_env = hugepages.environ_with_tunable(environ, hugepages.thp_mode(),
-                                                hugepages.glibc_version()) or environ
+  expected_env = hugepages.cli_environ(environ)
   tunables = expected_env.get('GLIBC_TUNABLES', '')
   assert proc.stdout.split('\n')[0] == f'{tunables} {hugepages.active(expected_env)}'
   if off:

@@ -72,8 +72,7 @@ def test_ctrl_c_leaves_a_restorable_checkpoint_and_rerun_resumes(data_dir, tmp_p
   log = (tmp_path / 'train.log').read_text()
   assert f'Interrupted: saved a checkpoint at step {latest}' in log
   # The CLI re-executed itself with huge pages for malloc where that helps (hugepages.py).
-  environ = hugepages.environ_with_tunable(dict(os.environ), hugepages.thp_mode(),
-                                           hugepages.glibc_version()) or os.environ
+  environ = hugepages.cli_environ()
   assert f"malloc huge pages: {'on' if hugepages.active(environ) else 'off'}" in log
   # Rerun: restores the latest checkpoint and trains 5 more steps.
   done = run_main(*args, f'--config.num_train_steps={latest + 5}')

@@ -59,6 +59,13 @@ def environ_with_tunable(environ: dict, mode: str, libc: tuple[int, ...]) -> dic
   return {**environ, 'GLIBC_TUNABLES': f'{tunables}:{TUNABLE}' if tunables else TUNABLE}
 
 
+def cli_environ(environ=None) -> dict:
+  """The environment `python -m transformer_jax.main` runs with when started with `environ`
+  (default: this process's): the same, plus the tunable where it helps."""
+  environ = dict(os.environ if environ is None else environ)
+  return environ_with_tunable(environ, thp_mode(), glibc_version()) or environ
+
+
 def reexec_with_huge_pages(command: list[str]) -> None:
   """Replaces this process by `command` (an argv, e.g. [sys.executable, '-m', module, ...])
   with the tunable in its environment, when that would change anything; otherwise returns.

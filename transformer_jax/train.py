@@ -197,19 +197,18 @@ class _StopOnInterrupt:
   """Ctrl-C (SIGINT) during training stops the loop between steps: the first one sets
   `requested` and the loop raises KeyboardInterrupt after the current step (and its eval or
   checkpoint) has finished, so no checkpoint write is cut in half; a second one raises at
-  once. Only in the main thread (signal handlers live there); elsewhere a no-op."""
+  once. Installed when built, until `restore`; only in the main thread (signal handlers
+  live there), elsewhere a no-op."""
 
   def __init__(self, bar: tqdm.tqdm):
     self.requested = False
     self._bar = bar
     self._previous = None
-
-  def __enter__(self) -> '_StopOnInterrupt':
     if threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGINT, self._handle)
-    return self
 
-  def __exit__(self, *exc) -> None:
+  def restore(self) -> None:
+    """Puts the previous SIGINT handler back."""
     if self._previous is not None:
       signal.signal(signal.SIGINT, self._previous)
 
@@ -224,8 +223,8 @@ class _StopOnInterrupt:
 
 class _Throughput:
   """Counts steps, real target tokens, computed target positions and model FLOPs
-  (`flops`) between logs; `summary` turns them into rates and MFU against `peak_flops` (FLOP/s of
-  all devices)."""
+  (`flops`) between logs; `summary` turns them into rates and MFU against `peak_flops`
+  (FLOP/s of all devices)."""
 
   def __init__(self, model_config: models.TransformerConfig, peak_flops: float):
     self.model_config, self.peak_flops = model_config, peak_flops
@@ -330,63 +329,63 @@ def _train(config, workdir: str, loss_fn: losses.LossFn) -> TrainState:
                   dynamic_ncols=True, desc='train')
   pending, shapes = [], set()
   throughput.reset()
+  interrupt = _StopOnInterrupt(bar)
   try:
-    with _StopOnInterrupt(bar) as interrupt:
-      for step in range(start_step + 1, config.num_train_steps + 1):
-        batch = next(train_iter)
-        throughput.add(batch)
-        last = step == config.num_train_steps
-        do_eval = step % config.eval_every_steps == 0 or last
-        do_bleu = config.bleu_every_steps and (step % config.bleu_every_steps == 0 or last)
-        do_log = step % config.log_every_steps == 0 or do_eval
-        shape = (batch['inputs'].shape, batch['targets'].shape)
-        compiles = shape not in shapes  # jit compiles once per batch shape.
-        if compiles:
-          shapes.add(shape)
-          logging.info('Compiling the train step for batch shape %s (%d so far)', shape,
-                       len(shapes))
-        state, metrics = p_train_step(state, sharding.put_batch(batch, mesh))
-        pending.append(metrics)
-        bar.update(1)
-        if compiles and not do_log:  # Compile time is not training time.
-          jax.block_until_ready(metrics)
-          throughput.reset()
+    for step in range(start_step + 1, config.num_train_steps + 1):
+      batch = next(train_iter)
+      throughput.add(batch)
+      last = step == config.num_train_steps
+      do_eval = step % config.eval_every_steps == 0 or last
+      do_bleu = config.bleu_every_steps and (step % config.bleu_every_steps == 0 or last)
+      do_log = step % config.log_every_steps == 0 or do_eval
+      shape = (batch['inputs'].shape, batch['targets'].shape)
+      compiles = shape not in shapes  # jit compiles once per batch shape.
+      if compiles:
+        shapes.add(shape)
+        logging.info('Compiling the train step for batch shape %s (%d so far)', shape,
+                     len(shapes))
+      state, metrics = p_train_step(state, sharding.put_batch(batch, mesh))
+      pending.append(metrics)
+      bar.update(1)
+      if compiles and not do_log:  # Compile time is not training time.
+        jax.block_until_ready(metrics)
+        throughput.reset()
 
-        if do_log:
-          train_summary = _summarize(pending, throughput)
-          for name, value in train_summary.items():
-            writer.scalar(f'train/{name}', value, step)
-          bar.set_postfix(loss=f"{train_summary['loss']:.3f}",
-                          tok_s=f"{train_summary['target_tokens_per_second']:.0f}")
-          pending = []
+      if do_log:
+        train_summary = _summarize(pending, throughput)
+        for name, value in train_summary.items():
+          writer.scalar(f'train/{name}', value, step)
+        bar.set_postfix(loss=f"{train_summary['loss']:.3f}",
+                        tok_s=f"{train_summary['target_tokens_per_second']:.0f}")
+        pending = []
 
-        if do_eval:
-          result = evaluate(p_eval_step, state.params, batcher, eval_ds, mesh,
-                            config.num_eval_batches)
-          improved = False
-          if do_bleu:
-            translator.params = state.params
-            result['bleu'] = evaluation.score_split(translator, *eval_text, workdir,
-                                                    f'{config.eval_split}-step{step}')['bleu']
-            improved = best.update(state, result['bleu'])
-          for name, value in result.items():
-            writer.scalar(f'eval/{name}', value, step)
-          writer.flush()
-          _log(bar, _eval_line(step, train_summary, result, config.eval_split, improved))
+      if do_eval:
+        result = evaluate(p_eval_step, state.params, batcher, eval_ds, mesh,
+                          config.num_eval_batches)
+        improved = False
+        if do_bleu:
+          translator.params = state.params
+          result['bleu'] = evaluation.score_split(translator, *eval_text, workdir,
+                                                  f'{config.eval_split}-step{step}')['bleu']
+          improved = best.update(state, result['bleu'])
+        for name, value in result.items():
+          writer.scalar(f'eval/{name}', value, step)
+        writer.flush()
+        _log(bar, _eval_line(step, train_summary, result, config.eval_split, improved))
 
-        stop_early = bool(config.bleu_every_steps and config.patience and
-                          best.evaluations_since_best(step, config.bleu_every_steps)
-                          >= config.patience)
-        if step % config.checkpoint_every_steps == 0 or last or stop_early:
-          checkpoints.save(manager, state)
-        if stop_early:
-          _log(bar, f'Early stopping at step {step}: no BLEU improvement in {config.patience} '
-                    f'evaluations (best {best.bleu:.2f} at step {best.step})')
-          break
-        if do_log:
-          throughput.reset()  # Eval and checkpoint time is not training time.
-        if interrupt.requested:
-          raise KeyboardInterrupt
+      stop_early = bool(config.bleu_every_steps and config.patience and
+                        best.evaluations_since_best(step, config.bleu_every_steps)
+                        >= config.patience)
+      if step % config.checkpoint_every_steps == 0 or last or stop_early:
+        checkpoints.save(manager, state)
+      if stop_early:
+        _log(bar, f'Early stopping at step {step}: no BLEU improvement in {config.patience} '
+                  f'evaluations (best {best.bleu:.2f} at step {best.step})')
+        break
+      if do_log:
+        throughput.reset()  # Eval and checkpoint time is not training time.
+      if interrupt.requested:
+        raise KeyboardInterrupt
   except KeyboardInterrupt:
     # `state` is the result of the last completed step: save it, so a rerun loses nothing.
     try:
@@ -406,6 +405,7 @@ def _train(config, workdir: str, loss_fn: losses.LossFn) -> TrainState:
       os._exit(130)  # Waiting for the writer threads again could hang.
     raise
   finally:
+    interrupt.restore()
     bar.close()
     writer.close()
     manager.wait_until_finished()
