@@ -120,7 +120,7 @@ def make_batcher(config, mesh):
 
 def train_iterator(batcher, config, src, tgt):
   """Training batches exactly as `train._train` asks for them (from step 0)."""
-  return batcher.train(src, tgt, config.seed, config.shuffle_buffer_size,
+  return batcher.train({'inputs': src, 'targets': tgt}, config.seed, config.shuffle_buffer_size,
                        skip=0).as_numpy_iterator()
 
 

@@ -16,6 +16,9 @@ DATA_DIR_ENV = 'TRANSFORMER_JAX_DATA_DIR'
 def get_config(variant: str = '') -> ml_collections.ConfigDict:
   """Returns the config; `variant` is '' (default) or 'tiny'."""
   c = ml_collections.ConfigDict()
+  # 'translation', 'classification', 'tagging' or a user's Task class by import
+  # path ('my_pkg.tasks:MyTask'); see transformer_jax/tasks/.
+  c.task = 'translation'
 
   # --- Data ---------------------------------------------------------------
   # 'multi30k' (our TFDS builder, reads `data_dir`), any TFDS translation
@@ -63,13 +66,16 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   c.loss = 'cross_entropy'
   c.label_smoothing = 0.1
 
-  # --- Optimizer: AdamW with warmup then decay ----------------------------
+  # --- Optimizer: AdamW (or SGD) with warmup then decay -------------------
+  c.optimizer = 'adamw'       # 'adamw' or 'sgd'.
   c.learning_rate = 1e-3      # Peak, reached after warmup_steps.
   c.warmup_steps = 500
-  c.schedule = 'rsqrt'        # 'rsqrt', 'cosine' or 'constant' after warmup.
+  c.schedule = 'rsqrt'        # 'rsqrt', 'cosine', 'linear' or 'constant' after warmup.
   c.adam_b1 = 0.9
   c.adam_b2 = 0.98
   c.adam_eps = 1e-9
+  c.momentum = 0.9            # optimizer='sgd' only; 0 = plain SGD.
+  c.nesterov = False          # optimizer='sgd': Nesterov momentum.
   c.weight_decay = 1e-4       # Not applied to biases, LayerNorm, embeddings.
   c.max_grad_norm = 1.0       # Global-norm clipping; 0 turns it off.
 

@@ -23,7 +23,8 @@ def test_config_file_is_valid(path):
 
 
 def test_schema_covers_exactly_the_default_fields():
-  assert set(mt.get_config().keys()) == set(config_schema.SCHEMA)
+  assert set(mt.get_config().keys()) == (set(config_schema.SCHEMA)
+                                         | set(config_schema.TRANSLATION_SCHEMA))
   config_schema.validate(mt.get_config('tiny'))
 
 

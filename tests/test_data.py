@@ -27,7 +27,8 @@ def test_bucket_lengths_and_batch_sizes():
 def test_train_batches_have_bucket_shapes_and_keep_every_token():
   src, tgt = _fake_pairs(200)
   batcher = data.Batcher(32, 256, 2.0, num_devices=2)
-  batches = list(batcher.train(src, tgt, seed=0, shuffle_buffer_size=1000)
+  batches = list(batcher.train({'inputs': src, 'targets': tgt}, seed=0,
+                               shuffle_buffer_size=1000)
                  .take(40).as_numpy_iterator())
   shapes = {b['inputs'].shape for b in batches}
   assert shapes <= {(bs, length) for bs, length in zip(batcher.batch_sizes, batcher.lengths)}
@@ -45,14 +46,15 @@ def test_train_pipeline_is_deterministic_and_skip_resumes_it():
   src, tgt = _fake_pairs(300, seed=1)
   batcher = data.Batcher(32, 256, 2.0, num_devices=1)
   run = lambda skip: [b['targets'] for b in batcher.train(
-      src, tgt, seed=7, shuffle_buffer_size=1000, skip=skip).take(30).as_numpy_iterator()]
+      {'inputs': src, 'targets': tgt}, seed=7, shuffle_buffer_size=1000, skip=skip).take(30).as_numpy_iterator()]
   full, again, resumed = run(0), run(0), run(12)
   assert len(full) == 30
   for a, b in zip(full, again):
     np.testing.assert_array_equal(a, b)
   for a, b in zip(full[12:], resumed):
     np.testing.assert_array_equal(a, b)
-  other_seed = [b['targets'] for b in batcher.train(src, tgt, seed=8, shuffle_buffer_size=1000)
+  other_seed = [b['targets'] for b in batcher.train({'inputs': src, 'targets': tgt}, seed=8,
+                                                    shuffle_buffer_size=1000)
                 .take(30).as_numpy_iterator()]
   assert any(a.shape != b.shape or (a != b).any() for a, b in zip(full, other_seed))
 
@@ -61,7 +63,7 @@ def test_eval_pass_covers_each_pair_once_and_pads_rows():
   src, tgt = _fake_pairs(50, seed=2)
   batcher = data.Batcher(32, 256, 2.0, num_devices=4)
   seen = []
-  for batch in batcher.eval(src, tgt).as_numpy_iterator():
+  for batch in batcher.eval({'inputs': src, 'targets': tgt}).as_numpy_iterator():
     padded = batcher.pad_rows(batch)
     length = padded['inputs'].shape[1]
     assert padded['inputs'].shape[0] == batcher.batch_sizes[batcher.lengths.index(length)]
@@ -123,7 +125,8 @@ def test_packed_train_pipeline_is_deterministic_and_skip_resumes_it():
   src, tgt = _fake_pairs(300, seed=4)
   batcher = data.Batcher(32, 256, 2.0, num_devices=2, pack=True)
   assert batcher.packed_rows == 8
-  run = lambda skip, seed=7: list(batcher.train(src, tgt, seed=seed, shuffle_buffer_size=1,
+  run = lambda skip, seed=7: list(batcher.train({'inputs': src, 'targets': tgt}, seed=seed,
+                                                shuffle_buffer_size=1,
                                                 skip=skip).take(40).as_numpy_iterator())
   full, resumed = run(0), run(10)
   assert {b['inputs'].shape for b in full} == {(8, 32)}

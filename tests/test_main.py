@@ -24,7 +24,7 @@ def run_main(*args, **kwargs):
     ('--config.num_train_steps=-5', 'error: config.num_train_steps=-5: must be >= 0'),
     ('--config.d_model=30', 'error: config.d_model=30: must be divisible by config.num_heads=4'),
     ('--config.label_smoothing=1.5', 'error: config.label_smoothing=1.5: must be in [0, 1)'),
-    ('--config.schedule=linear', "error: config.schedule='linear': must be one of"),
+    ('--config.schedule=exponential', "error: config.schedule='exponential': must be one of"),
     ('--config=configs/no_such_file.py', 'error: --config: cannot load the config file'),
 ])
 def test_bad_option_stops_with_one_line_before_any_work(flag, message, tmp_path):

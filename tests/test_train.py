@@ -46,6 +46,7 @@ def test_tiny_model_overfits_32_pairs(tiny_text_dir, tmp_path):
 
 def _eval(config, state, workdir):
   from transformer_jax import data, models, sharding, tokenizer  # pylint: disable=g-import-not-at-top
+  from transformer_jax.tasks import translation  # pylint: disable=g-import-not-at-top
   import functools  # pylint: disable=g-import-not-at-top
   sp = tokenizer.load(os.path.join(workdir, 'tokenizer', 'spm.model'))
   src, tgt = data.tokenize_pairs(sp, *data.load_pairs(config, config.eval_split, str(workdir)),
@@ -54,8 +55,9 @@ def _eval(config, state, workdir):
   batcher = data.Batcher(config.max_source_length, config.max_tokens_per_batch,
                          config.length_bucket_step, mesh.size)
   model = models.Transformer(models.TransformerConfig.from_config(config, sp.vocab_size()))
-  return train.evaluate(jax.jit(functools.partial(train.eval_step, model=model)), state.params,
-                        batcher, batcher.eval(src, tgt), mesh, -1)
+  eval_fn = jax.jit(functools.partial(translation.eval_step, model=model))
+  return translation.evaluate(eval_fn, state.params, batcher,
+                              batcher.eval({'inputs': src, 'targets': tgt}), mesh, -1)
 
 
 def test_resumed_run_matches_uninterrupted_run(small_text_dir, tmp_path):
@@ -87,6 +89,7 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent('''
   import jax, jax.numpy as jnp, numpy as np
   from configs import mt
   from transformer_jax import losses, models, optim, sharding, train
+  from transformer_jax.tasks import translation
   assert jax.device_count() == 8, jax.devices()
   config = mt.get_config('tiny')
   model = models.Transformer(models.TransformerConfig.from_config(config, 50))
@@ -98,8 +101,9 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent('''
   x = jnp.ones((1, 4), jnp.int32)
   params = model.init(jax.random.PRNGKey(0), x, x)['params']
   state = train.TrainState(step=jnp.array(0), params=params, opt_state=optimizer.init(params))
-  step = functools.partial(train.train_step, model=model, optimizer=optimizer,
-                           loss_fn=losses.get_loss(config),
+  loss_fn = functools.partial(translation.seq2seq_loss, model=model,
+                              loss_fn=losses.get_loss(config))
+  step = functools.partial(train.train_step, loss_fn=loss_fn, optimizer=optimizer,
                            schedule=optim.learning_rate_schedule(config), seed=0)
   results = []
   for devices in (jax.devices()[:1], jax.devices()):

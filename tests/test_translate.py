@@ -55,11 +55,18 @@ def test_training_keeps_best_bleu_checkpoint_and_scores_test(trained):
   assert 'val BLEU' in log
 
 
+def load_translator(config, workdir, checkpoint='best'):
+  """The translation task's Translator with the parameters of `checkpoint`."""
+  task, params, name = evaluation.load_task(config, workdir, checkpoint)
+  task.translator.params = params
+  return task.translator, name
+
+
 def test_batch_of_sentences_equals_each_sentence_alone(trained):
   config, workdir, _ = trained
   for decoding in ('beam', 'greedy'):
     config = tiny_config(config.data_dir, decoding=decoding, beam_size=3)
-    translator, _ = evaluation.load_translator(config, workdir, 'latest')
+    translator, _ = load_translator(config, workdir, 'latest')
     rng = np.random.default_rng(0)
     sources = [np.append(rng.integers(4, 300, size=n), EOS_ID).astype(np.int32)
                for n in (3, 17, 9, 30, 1, 12)]
@@ -98,7 +105,7 @@ def test_translate_mode_keeps_line_count_order_empty_and_long_lines(trained, tmp
   piped = run_main(*_config_flags(config), f'--workdir={workdir}', '--mode=translate',
                    stdin='\n'.join(lines) + '\n')
   assert piped.stdout.split('\n') == out
-  translator, _ = evaluation.load_translator(config, workdir, 'best')
+  translator, _ = load_translator(config, workdir, 'best')
   assert [translator.translate([line])[0] for line in lines] == out[:-1]
 
 
@@ -118,11 +125,13 @@ def test_eval_mode_prints_sacrebleu_report(trained):
 def test_checkpoint_averaging_averages_parameters(trained):
   config, workdir, _ = trained
   config = tiny_config(config.data_dir, average_checkpoints=2)
-  translator, name = evaluation.load_translator(config, workdir)
+  translator, name = load_translator(config, workdir)
   assert name == 'avg2-step100'
-  from transformer_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from transformer_jax import checkpoints, optim, tasks  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh()
-  _, _, state = train.create_state(config, translator.sp.vocab_size(), mesh)
+  task = tasks.create(config, workdir, mesh)
+  task.setup(training=False)
+  state = train.create_state(task, optim.make_optimizer(config), config.seed, mesh)
   manager = checkpoints.make_manager(workdir, 3)
   p20 = checkpoints.restore(manager, state, 50).params
   p40 = checkpoints.restore(manager, state, 100).params

@@ -25,24 +25,19 @@ def _one_of(*choices):
   return (lambda v: v in choices, f'must be one of {choices}')
 
 
-# field -> (type(s), (predicate, what the predicate requires))
+# field -> (type(s), (predicate, what the predicate requires)). Fields every task has:
 SCHEMA: dict[str, tuple[Any, tuple[Callable[[Any], bool], str]]] = {
+    'task': (str, (bool, 'must not be empty')),
     # Data
-    'dataset_name': (str, (bool, 'must not be empty')),
     'data_dir': (str, _any),
-    'tfds_data_dir': (str, _any),
-    'source_lang': (str, (bool, 'must not be empty')),
-    'target_lang': (str, (bool, 'must not be empty')),
     'train_split': (str, (bool, 'must not be empty')),
     'eval_split': (str, (bool, 'must not be empty')),
-    'max_source_length': (int, (lambda v: v >= 2, 'must be >= 2')),
-    'max_target_length': (int, (lambda v: v >= 2, 'must be >= 2')),
+    'test_split': (str, _any),
     'truncate': (bool, _any),
     'max_tokens_per_batch': (int, _positive),
     'length_bucket_step': (float, (lambda v: v > 1, 'must be > 1')),
     'shuffle_buffer_size': (int, _positive),
-    'pack_examples': (bool, _any),
-    # Tokenizer
+    # Tokenizer (SentencePiece, trained on the training split)
     'vocab_size': (int, (lambda v: v > 4, 'must be > 4 (ids 0-3 are special)')),
     'spm_model_type': (str, _one_of('unigram', 'bpe')),
     'spm_max_sentences': (int, _positive),
@@ -52,38 +47,28 @@ SCHEMA: dict[str, tuple[Any, tuple[Callable[[Any], bool], str]]] = {
     'num_heads': (int, _positive),
     'd_ff': (int, _positive),
     'num_encoder_layers': (int, _positive),
-    'num_decoder_layers': (int, _positive),
     'dropout_rate': (float, _probability),
     'attention_dropout_rate': (float, _probability),
-    'share_embeddings': (bool, _any),
     'dtype': (str, _one_of('float32', 'bfloat16', 'float16')),
     'param_dtype': (str, _one_of('float32', 'bfloat16', 'float16')),
     # Loss
     'loss': (str, (bool, 'must not be empty')),
     'label_smoothing': (float, _probability),
     # Optimizer
+    'optimizer': (str, _one_of('adamw', 'sgd')),
     'learning_rate': (float, _positive),
     'warmup_steps': (int, _non_negative),
-    'schedule': (str, _one_of('rsqrt', 'cosine', 'constant')),
+    'schedule': (str, _one_of('rsqrt', 'cosine', 'constant', 'linear')),
     'adam_b1': (float, _probability),
     'adam_b2': (float, _probability),
     'adam_eps': (float, _positive),
+    'momentum': (float, _probability),
+    'nesterov': (bool, _any),
     'weight_decay': (float, _non_negative),
     'max_grad_norm': (float, _non_negative),
-    # Decoding and evaluation
-    'test_split': (str, _any),
-    'decoding': (str, _one_of('beam', 'greedy', 'sample')),
-    'beam_size': (int, _positive),
-    'length_penalty': (float, _non_negative),
-    'temperature': (float, _positive),
-    'top_k': (int, _non_negative),
-    'decode_max_length_ratio': (float, _non_negative),
-    'decode_max_length_offset': (int, (lambda v: v >= 1, 'must be >= 1')),
-    'decode_batch_tokens': (int, _positive),
-    'bleu_every_steps': (int, _non_negative),
+    # Evaluation and loop
     'patience': (int, _non_negative),
     'average_checkpoints': (int, _positive),
-    # Loop
     'seed': (int, _any),
     'num_train_steps': (int, _non_negative),
     'eval_every_steps': (int, _positive),
@@ -94,33 +79,104 @@ SCHEMA: dict[str, tuple[Any, tuple[Callable[[Any], bool], str]]] = {
     'peak_flops_per_device': (float, _non_negative),
 }
 
+# Fields of task 'translation' (transformer_jax/tasks/translation.py).
+TRANSLATION_SCHEMA = {
+    'dataset_name': (str, (bool, 'must not be empty')),
+    'tfds_data_dir': (str, _any),
+    'source_lang': (str, (bool, 'must not be empty')),
+    'target_lang': (str, (bool, 'must not be empty')),
+    'max_source_length': (int, (lambda v: v >= 2, 'must be >= 2')),
+    'max_target_length': (int, (lambda v: v >= 2, 'must be >= 2')),
+    'pack_examples': (bool, _any),
+    'num_decoder_layers': (int, _positive),
+    'share_embeddings': (bool, _any),
+    'decoding': (str, _one_of('beam', 'greedy', 'sample')),
+    'beam_size': (int, _positive),
+    'length_penalty': (float, _non_negative),
+    'temperature': (float, _positive),
+    'top_k': (int, _non_negative),
+    'decode_max_length_ratio': (float, _non_negative),
+    'decode_max_length_offset': (int, (lambda v: v >= 1, 'must be >= 1')),
+    'decode_batch_tokens': (int, _positive),
+    'bleu_every_steps': (int, _non_negative),
+}
+
+_labels = (lambda v: all(isinstance(x, str) and x for x in v) and len(set(v)) == len(v),
+           'must be distinct non-empty strings')
+
+# Fields of the encoder-only tasks 'classification' and 'tagging'
+# (transformer_jax/tasks/classification.py, tagging.py).
+ENCODER_SCHEMA = {
+    'init_from': (str, (lambda v: v == '' or v.startswith('hf:'),
+                        "must be '' (train from scratch) or 'hf:/path/to/folder' (a Hugging "
+                        'Face BERT checkpoint)')),
+    'max_length': (int, (lambda v: v >= 3, 'must be >= 3')),
+    'num_labels': (int, _positive),
+    'labels': ((tuple, list), _labels),
+    'labels_file': (str, _any),
+    'pooling': (str, _one_of('first', 'mean')),
+    'text_column': (str, _any),
+    'label_column': (str, _any),
+    'tag_column': (int, _positive),
+    'repair_iob': (bool, _any),
+}
+
+TASK_SCHEMAS = {'translation': TRANSLATION_SCHEMA, 'classification': ENCODER_SCHEMA,
+                'tagging': ENCODER_SCHEMA}
+
+
+def task_schema(name: str) -> dict:
+  """The extra fields of task `name`: a built-in task's, or the `FIELDS` dict of a user's
+  task class named by import path ('my_pkg.tasks:MyTask'; {} if it has none).
+
+  Raises:
+    ConfigError: the name is neither a built-in task nor an importable class.
+  """
+  if name in TASK_SCHEMAS:
+    return TASK_SCHEMAS[name]
+  from transformer_jax import tasks  # pylint: disable=g-import-not-at-top (heavy imports)
+  return getattr(tasks.get_task_class(name), 'FIELDS', {})
+
 
 def validate(config) -> None:
-  """Checks every field of `config` (an ml_collections.ConfigDict) against SCHEMA.
+  """Checks every field of `config` (an ml_collections.ConfigDict) against SCHEMA plus the
+  fields of its task (`task_schema(config.task)`).
 
   Raises:
     ConfigError: naming the first field that is unknown, missing, of the wrong type
       (ints are accepted for floats) or out of range, or d_model not divisible by
-      num_heads, or source_lang == target_lang.
+      num_heads, or (translation) source_lang == target_lang, or (classification,
+      tagging) labels that disagree with num_labels.
   """
+  if not isinstance(config.get('task'), str):
+    raise ConfigError('config.task: missing field (translation, classification, tagging or '
+                      "'package.module:TaskClass')")
+  schema = {**SCHEMA, **task_schema(config.task)}
   for name in config.keys():
-    if name not in SCHEMA:
-      raise ConfigError(f'config.{name}: unknown field')
-  for name, (kind, (ok, requirement)) in SCHEMA.items():
+    if name not in schema:
+      raise ConfigError(f'config.{name}: unknown field for task {config.task!r}')
+  for name, (kind, (ok, requirement)) in schema.items():
     if name not in config:
       raise ConfigError(f'config.{name}: missing field')
     value = config[name]
-    kinds = (int, float) if kind is float else (kind,)
-    if not isinstance(value, kinds) or (kind is not bool and isinstance(value, bool)):
-      raise ConfigError(f'config.{name}={value!r}: must be of type {kind.__name__}')
+    kinds = (int, float) if kind is float else kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
+      names = 'float' if kind is float else '/'.join(k.__name__ for k in kinds)
+      raise ConfigError(f'config.{name}={value!r}: must be of type {names}')
     if not ok(value):
       raise ConfigError(f'config.{name}={value!r}: {requirement}')
   if config.d_model % config.num_heads:
     raise ConfigError(f'config.d_model={config.d_model}: must be divisible by '
                       f'config.num_heads={config.num_heads}')
-  if config.source_lang == config.target_lang:
+  if 'source_lang' in schema and config.source_lang == config.target_lang:
     raise ConfigError(f'config.target_lang={config.target_lang!r}: must differ from '
                       'config.source_lang')
+  if 'labels' in schema and config.labels and len(config.labels) != config.num_labels:
+    raise ConfigError(f'config.num_labels={config.num_labels}: config.labels has '
+                      f'{len(config.labels)} labels')
+  if 'labels' in schema and config.labels and config.labels_file:
+    raise ConfigError(f'config.labels_file={config.labels_file!r}: give config.labels or '
+                      'config.labels_file, not both')
 
 
 # Fields that fix the shapes of the parameters: eval/translate must use the trained values.
@@ -128,25 +184,33 @@ MODEL_FIELDS = ('d_model', 'num_heads', 'd_ff', 'num_encoder_layers', 'num_decod
                 'share_embeddings', 'param_dtype')
 
 
-def save_model_config(config, vocab_size: int, workdir: str) -> None:
-  """Writes {workdir}/model_config.json: MODEL_FIELDS and the tokenizer's vocab size."""
-  fields = {name: config[name] for name in MODEL_FIELDS}
-  fields['vocab_size'] = vocab_size
+def save_model_config(config, vocab_size: int, workdir: str, extra: dict | None = None,
+                      fields: tuple[str, ...] = MODEL_FIELDS) -> None:
+  """Writes {workdir}/model_config.json: the `fields` of `config` it has, the tokenizer's
+  vocab size and `extra` (e.g. a task's imported architecture and its labels)."""
+  record = {name: config[name] for name in fields if name in config}
+  record['vocab_size'] = vocab_size
+  record.update(extra or {})
   path = os.path.join(workdir, 'model_config.json')
   with open(path + '.tmp', 'w', encoding='utf-8') as f:
-    json.dump(fields, f, indent=1)
+    json.dump(record, f, indent=1)
   os.replace(path + '.tmp', path)
+
+
+def load_model_config(workdir: str) -> dict:
+  """{workdir}/model_config.json as written by `save_model_config` ({} if absent)."""
+  path = os.path.join(workdir, 'model_config.json')
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding='utf-8') as f:
+    return json.load(f)
 
 
 def check_model_config(config, workdir: str) -> None:
   """Raises ConfigError naming the first model field that differs from the one the
   checkpoints in `workdir` were trained with (nothing to check if it has no record)."""
-  path = os.path.join(workdir, 'model_config.json')
-  if not os.path.exists(path):
-    return
-  with open(path, encoding='utf-8') as f:
-    trained = json.load(f)
+  trained = load_model_config(workdir)
   for name in MODEL_FIELDS:
-    if name in trained and config[name] != trained[name]:
+    if name in trained and name in config and config[name] != trained[name]:
       raise ConfigError(f'config.{name}={config[name]!r}, but the model in {workdir} was '
                         f'trained with {trained[name]!r}: pass --config.{name}={trained[name]}')

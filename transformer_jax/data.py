@@ -1,5 +1,8 @@
 """Input pipeline: raw sentence pairs -> SentencePiece ids -> length-bucketed batches.
 
+The `Batcher` serves every task: translation batches pairs (bucketed or packed), the
+encoder tasks batch token ids with a label per sentence or per token (bucketed).
+
 Sources (`config.dataset_name`):
   'multi30k'  Multi30k task 1 through our TFDS builder (`transformer_jax.multi30k`),
               reading the raw files in `config.data_dir` (downloaded when it is empty).
@@ -191,23 +194,27 @@ def pack_pairs(sources: list[np.ndarray], targets: list[np.ndarray], order: Iter
     yield emit(contents)
 
 
-def _to_dataset(sources: list[np.ndarray], targets: list[np.ndarray]) -> tf.data.Dataset:
-  ragged = lambda seqs: tf.RaggedTensor.from_row_lengths(
-      np.concatenate(seqs) if seqs else np.zeros([0], np.int32),
-      np.array([len(s) for s in seqs], dtype=np.int64))
-  ds = tf.data.Dataset.from_tensor_slices({'inputs': ragged(sources),
-                                           'targets': ragged(targets)})
+def _to_dataset(features: dict) -> tf.data.Dataset:
+  """{name: list of int32 [n_i] sequences (ragged) or an array [N, ...] (one value per
+  example)} -> a dataset of per-example dicts."""
+  def ragged(seqs):
+    return tf.RaggedTensor.from_row_lengths(
+        np.concatenate(seqs) if seqs else np.zeros([0], np.int32),
+        np.array([len(s) for s in seqs], dtype=np.int64))
+  columns = {k: v if isinstance(v, np.ndarray) else ragged(v) for k, v in features.items()}
+  ds = tf.data.Dataset.from_tensor_slices(columns)
   # Rows of a ragged tensor come out as ragged-rank-0 values; make them plain tensors.
   return ds.map(lambda x: {k: tf.convert_to_tensor(v) for k, v in x.items()})
 
 
 def _bucket(ds: tf.data.Dataset, lengths: list[int], batch_sizes: list[int],
             drop_remainder: bool) -> tf.data.Dataset:
-  # Bucket i holds pairs whose longer side is in (lengths[i-1], lengths[i]] and pads
-  # both sides to lengths[i]; the last, never-used bucket catches anything longer.
+  # Bucket i holds examples whose longest sequence is in (lengths[i-1], lengths[i]] and
+  # pads every sequence to lengths[i]; the last, never-used bucket catches anything longer.
+  def length(x):
+    return tf.reduce_max(tf.stack([tf.shape(v)[0] for v in x.values() if v.shape.rank]))
   return ds.bucket_by_sequence_length(
-      element_length_func=lambda x: tf.maximum(tf.shape(x['inputs'])[0],
-                                                tf.shape(x['targets'])[0]),
+      element_length_func=length,
       bucket_boundaries=[length + 1 for length in lengths],
       bucket_batch_sizes=batch_sizes + [batch_sizes[-1]],
       pad_to_bucket_boundary=True, drop_remainder=drop_remainder)
@@ -239,13 +246,19 @@ class Batcher:
     self.packed_rows = bucket_batch_sizes([max_length], max_tokens, num_devices)[0]
     self.max_length = max_length
 
-  def train(self, sources, targets, seed: int, shuffle_buffer_size: int,
+  def train(self, features: dict, seed: int, shuffle_buffer_size: int,
             skip: int = 0) -> tf.data.Dataset:
     """Endless, shuffled (reshuffled each epoch, deterministically from `seed`) batches,
-    starting after the first `skip` batches."""
+    starting after the first `skip` batches.
+
+    `features`: {name: list of int32 sequences, or an array with one value per
+    example}, e.g. {'inputs': sources, 'targets': targets} (packing uses just these
+    two) or {'inputs': ids, 'labels': int32 [N], 'weights': float32 [N]}. Sequences
+    are padded with 0 to their bucket's length.
+    """
     if self.pack:
-      return self._packed(sources, targets, seed, skip)
-    ds = _to_dataset(sources, targets)
+      return self._packed(features['inputs'], features['targets'], seed, skip)
+    ds = _to_dataset(features)
     ds = ds.shuffle(shuffle_buffer_size, seed=seed, reshuffle_each_iteration=True).repeat()
     ds = _bucket(ds, self.lengths, self.batch_sizes, drop_remainder=True)
     return ds.skip(skip).prefetch(tf.data.AUTOTUNE).with_options(_options())
@@ -265,15 +278,16 @@ class Batcher:
         batches, output_signature={k: spec for k in ('inputs', 'targets', *PACKING_KEYS)})
     return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
 
-  def eval(self, sources, targets) -> tf.data.Dataset:
-    """One pass in a fixed order; the last batch of a bucket may be short (`pad_rows`)."""
-    ds = _bucket(_to_dataset(sources, targets), self.lengths, self.batch_sizes,
+  def eval(self, features: dict) -> tf.data.Dataset:
+    """One pass over `features` (as in `train`) in a fixed order, grouped by length; the
+    last batch of a bucket may be short (`pad_rows`)."""
+    ds = _bucket(_to_dataset(features), self.lengths, self.batch_sizes,
                  drop_remainder=False)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
 
   def pad_rows(self, batch: dict) -> dict:
-    """Pads a short eval batch with all-padding rows up to its bucket's batch size, so
-    eval compiles once per bucket."""
+    """Pads a short eval batch with all-zero rows (padding, weight 0) up to its bucket's
+    batch size, so eval compiles once per bucket."""
     length = batch['inputs'].shape[1]
     rows = self.batch_sizes[self.lengths.index(length)] - batch['inputs'].shape[0]
-    return {k: np.pad(v, ((0, rows), (0, 0))) for k, v in batch.items()}
+    return {k: np.pad(v, ((0, rows),) + ((0, 0),) * (v.ndim - 1)) for k, v in batch.items()}

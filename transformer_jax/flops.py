@@ -13,7 +13,8 @@ F d_ff, V vocab, per layer:
              feed-forward          2 * 2BTDF
   logits     2BTDV once
 
-A training step costs 3x the forward pass (the backward pass is two matmuls per forward
+Encoder-only models (classification, tagging) count the encoder layers and the head
+(`encoder_forward_flops`). A training step costs 3x the forward pass (the backward pass is two matmuls per forward
 matmul). MFU = achieved FLOP/s / peak FLOP/s of the devices.
 """
 from __future__ import annotations
@@ -53,6 +54,16 @@ def forward_flops(cfg, batch_size: int, source_length: int, target_length: int) 
                      + 2 * t * d * f)                    # feed-forward
   logits = 2 * b * t * d * v
   return float(cfg.num_encoder_layers * encoder + cfg.num_decoder_layers * decoder + logits)
+
+
+def encoder_forward_flops(cfg, batch_size: int, length: int, head_outputs: int) -> float:
+  """Matmul FLOPs of one forward pass of an encoder-only model (`num_encoder_layers`
+  layers as above) over `batch_size` rows of `length` positions, plus a dense head of
+  `head_outputs` outputs per row (classification) or per position (tagging: pass
+  length * num_labels)."""
+  b, s, d, f = batch_size, length, cfg.d_model, cfg.d_ff
+  encoder = 2 * b * (4 * s * d * d + 2 * s * s * d + 2 * s * d * f)
+  return float(cfg.num_encoder_layers * encoder + 2 * b * d * head_outputs)
 
 
 def train_flops(cfg, batch_size: int, source_length: int, target_length: int) -> float:

@@ -1,17 +1,24 @@
-"""Losses for sequence-to-sequence training.
+"""Losses: label-smoothed cross-entropy, mean squared error, user losses by import path.
 
 A loss is any JAX function with the signature
 
   loss_fn(logits, targets, weights) -> (loss, metrics)
 
-  logits   float32 [B, T, V]  unnormalized scores
-  targets  int32   [B, T]     gold token ids
-  weights  float32 [B, T]     1.0 for real tokens, 0.0 for padding
+  logits   float32 [..., V]   unnormalized scores (V = 1 for regression)
+  targets  [...]              gold ids (int32) or values (float32, regression)
+  weights  float32 [...]      1.0 for what counts, 0.0 for padding
   loss     float32 scalar     what is differentiated
   metrics  dict[str, scalar]  anything to log (averaged over the steps between logs)
 
+The leading shape [...] depends on the task:
+  translation     [B, T]  one target token per position
+  classification  [B]     one label per sentence (regression: float targets, V = 1)
+  tagging         [B, S]  one label per word, at its first sub-token; the other
+                          sub-tokens and padding have weight 0
+
 `get_loss(config)` returns the built-in `cross_entropy` (with `config.label_smoothing`
-bound) or a user's function named by import path, e.g. `config.loss='my_pkg.losses:focal'`.
+bound), `mse`, or a user's function named by import path, e.g.
+`config.loss='my_pkg.losses:focal'`.
 """
 from __future__ import annotations
 
@@ -39,9 +46,9 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array,
   the Flax WMT example and T5X).
 
   Args:
-    logits: float [B, T, V].
-    targets: int [B, T].
-    weights: float [B, T]; 0 marks padding.
+    logits: float [..., V] ([B, T, V] for translation, [B, C] for classification).
+    targets: int [...].
+    weights: float [...]; 0 marks padding.
     label_smoothing: in [0, 1).
 
   Returns:
@@ -78,8 +85,27 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array,
   return jnp.sum(token_loss * weights) / denominator, metrics
 
 
+def mse(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tuple[jax.Array, dict]:
+  """Mean squared error for regression, averaged over weight > 0 examples.
+
+  Args:
+    logits: float [..., 1], the predicted values.
+    targets: float [...].
+    weights: float [...]; 0 marks padding.
+
+  Returns:
+    (loss, metrics): loss = sum(weights * (logits - targets)^2) / sum(weights), 0 when
+    all weights are 0; metrics has 'mse' (the same) and 'num_examples'.
+  """
+  errors = jnp.square(logits[..., 0].astype(jnp.float32) - targets.astype(jnp.float32))
+  weights = weights.astype(jnp.float32)
+  num = jnp.sum(weights)
+  loss = jnp.sum(errors * weights) / jnp.maximum(num, 1e-8)
+  return loss, {'mse': loss, 'num_examples': num}
+
+
 def get_loss(config) -> LossFn:
-  """Resolves `config.loss`: 'cross_entropy' or 'package.module:function'.
+  """Resolves `config.loss`: 'cross_entropy', 'mse' or 'package.module:function'.
 
   Raises:
     ConfigError: the name is neither, or the import path cannot be imported.
@@ -87,9 +113,11 @@ def get_loss(config) -> LossFn:
   name = config.loss
   if name == 'cross_entropy':
     return functools.partial(cross_entropy, label_smoothing=config.label_smoothing)
+  if name == 'mse':
+    return mse
   module_name, sep, attr = name.partition(':')
   if not sep or not module_name or not attr:
-    raise ConfigError(f"config.loss={name!r}: use 'cross_entropy' or 'package.module:function'")
+    raise ConfigError(f"config.loss={name!r}: use 'cross_entropy', 'mse' or 'package.module:function'")
   try:
     return getattr(importlib.import_module(module_name), attr)
   except (ImportError, AttributeError) as e:

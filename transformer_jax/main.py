@@ -1,9 +1,12 @@
-"""Command line: train, score or use a translation model.
+"""Command line: train, score or use a model of any task (translation, classification,
+tagging).
 
   python -m transformer_jax.main --config=configs/mt.py --workdir=DIR            # train
   python -m transformer_jax.main --config=configs/mt.py --workdir=DIR --mode=eval --split=test_2016
-  python -m transformer_jax.main --config=configs/mt.py --workdir=DIR --mode=translate \
+  python -m transformer_jax.main --config=configs/mt.py --workdir=DIR --mode=predict \
       [--input=FILE] [--output=FILE]                                             # stdin/stdout
+
+`--mode=translate` is `--mode=predict` of a translation model.
 
 Any config field can be overridden: `--config.num_train_steps=1000`. Rerunning training
 with the same --workdir resumes from its latest checkpoint. A bad flag or config value
@@ -23,22 +26,30 @@ from transformer_jax import hugepages
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Folder for everything the run writes (tokenizer, '
-                    'checkpoints, TensorBoard events, log). Default: runs/<dataset>_<src>-<tgt>.')
+                    'checkpoints, TensorBoard events, log). Default: runs/<dataset>_<src>-<tgt> '
+                    '(translation), runs/<config file name> (other tasks).')
 config_flags.DEFINE_config_file('config', 'configs/mt.py', 'Config file (path[:variant]).',
                                 lock_config=True)
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'translate'],
-                  'train; eval: score a checkpoint on --split; translate: --input to --output.')
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'translate'],
+                  'train; eval: score a checkpoint on --split and print the report; predict '
+                  '(translate): one output line per line of --input, written to --output.')
 flags.DEFINE_string('split', None, 'eval: the split to score (default: config.test_split).')
-flags.DEFINE_string('input', None, 'translate: source sentences, one per line (default: stdin).')
-flags.DEFINE_string('output', None, 'translate: where translations go (default: stdout).')
+flags.DEFINE_string('input', None, 'predict: input lines: sentences to translate or classify, '
+                    'or whitespace-separated words to tag (default: stdin).')
+flags.DEFINE_string('output', None, 'predict: where the outputs go (default: stdout).')
 flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'],
-                  'eval/translate: the best checkpoint by validation BLEU, or the latest.')
+                  "eval/predict: the best checkpoint by the task's validation metric, or the "
+                  'latest.')
 
 
 def default_workdir(config) -> str:
-  """runs/<dataset>_<src>-<tgt>, relative to the current folder."""
-  name = config.dataset_name.replace('/', '_')
-  return os.path.join('runs', f'{name}_{config.source_lang}-{config.target_lang}')
+  """runs/<dataset>_<src>-<tgt> for translation, else runs/<config file name>, relative to
+  the current folder."""
+  if config.task == 'translation':
+    name = config.dataset_name.replace('/', '_')
+    return os.path.join('runs', f'{name}_{config.source_lang}-{config.target_lang}')
+  path = config_flags.get_config_filename(FLAGS['config'])
+  return os.path.join('runs', os.path.splitext(os.path.basename(path))[0] or config.task)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -69,7 +80,9 @@ def main(argv):
 
   if FLAGS.mode != 'train' and not os.path.isdir(workdir):
     sys.exit(f'error: --workdir={workdir}: no such folder (train a model there first)')
-  if config.dataset_name in ('multi30k', 'text') and config.data_dir and not os.path.isdir(
+  if FLAGS.mode == 'translate' and config.task != 'translation':
+    sys.exit(f'error: --mode=translate: the task is {config.task!r}; use --mode=predict')
+  if config.get('dataset_name', 'text') in ('multi30k', 'text') and config.data_dir and not os.path.isdir(
       config.data_dir):
     sys.exit(f'error: config.data_dir={config.data_dir!r}: no such folder')
   print(f'workdir: {os.path.abspath(workdir)}', file=sys.stderr)
@@ -92,7 +105,7 @@ def main(argv):
                   if FLAGS.input else sys.stdin)
         target = (files.enter_context(open(FLAGS.output, 'w', encoding='utf-8'))
                   if FLAGS.output else sys.stdout)
-        evaluation.run_translate(config, workdir, source, target, FLAGS.checkpoint)
+        evaluation.run_predict(config, workdir, source, target, FLAGS.checkpoint)
   except (config_schema.ConfigError, multi30k.DataError, FileNotFoundError,
           UnicodeDecodeError) as e:
     sys.exit(f'error: {e}')

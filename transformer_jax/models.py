@@ -4,6 +4,15 @@ Pre-LayerNorm variant (Xiong et al. 2020, "On Layer Normalization in the Transfo
 Architecture"): every sub-layer computes `x + Dropout(SubLayer(LayerNorm(x)))`, and the
 encoder and decoder stacks end with a final LayerNorm.
 
+The encoder can also express BERT (Devlin et al. 2019) through `TransformerConfig`:
+post-LN sub-layers `LayerNorm(x + Dropout(SubLayer(x)))` with no final LayerNorm
+(`norm_position='post'`), GELU (`activation`), learned positions
+(`position_embedding='learned'`), token-type embeddings (`type_vocab_size`), a LayerNorm
+over the summed embeddings (`embedding_norm`) and unscaled token embeddings
+(`scale_embeddings=False`); `transformer_jax.hf_import` maps Hugging Face BERT checkpoints
+onto it. `SequenceClassifier` and `TokenClassifier` put a head on the encoder alone. The
+decoder is always pre-LN.
+
 Shapes: B batch, S source length, T target length, D d_model, H num_heads,
 K = D // H head size, F d_ff, V vocab_size. Token id 0 is padding
 (`transformer_jax.tokenizer.PAD_ID`).
@@ -46,15 +55,41 @@ class TransformerConfig:
   share_embeddings: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  # Encoder architecture; the defaults are the pre-LN translation model above.
+  norm_position: str = 'pre'             # 'pre' | 'post' (BERT; encoder only).
+  activation: str = 'relu'               # 'relu' | 'gelu' (exact, erf) | 'gelu_tanh'.
+  position_embedding: str = 'sinusoidal'  # 'sinusoidal' | 'learned' (an nn.Embed table).
+  max_position_embeddings: int = 512     # Rows of the learned position table.
+  type_vocab_size: int = 0               # > 0: a token-type embedding table (BERT: 2).
+  layer_norm_eps: float = 1e-6           # Epsilon of every LayerNorm (BERT: 1e-12).
+  scale_embeddings: bool = True          # Token embeddings times sqrt(D) (BERT: False).
+  embedding_norm: bool = False           # LayerNorm over the summed embeddings (BERT: True).
+
+  def __post_init__(self):
+    for name, choices in (('norm_position', ('pre', 'post')),
+                          ('activation', tuple(ACTIVATIONS)),
+                          ('position_embedding', ('sinusoidal', 'learned'))):
+      if getattr(self, name) not in choices:
+        raise ValueError(f'TransformerConfig.{name}={getattr(self, name)!r} is not one of '
+                         f'{choices}')
 
   @classmethod
   def from_config(cls, config, vocab_size: int) -> 'TransformerConfig':
-    """Builds the model config from a run `ConfigDict` (dtypes given by name)."""
+    """Builds the model config from a run `ConfigDict` (dtypes given by name); fields the
+    run config lacks keep their dataclass defaults."""
     fields = {f.name for f in dataclasses.fields(cls)} - {'vocab_size', 'dtype', 'param_dtype'}
     return cls(vocab_size=vocab_size,
                dtype=jnp.dtype(config.dtype),
                param_dtype=jnp.dtype(config.param_dtype),
-               **{name: config[name] for name in fields})
+               **{name: config[name] for name in fields if name in config})
+
+
+# TransformerConfig.activation -> function of the feed-forward hidden layer.
+ACTIVATIONS = {
+    'relu': nn.relu,
+    'gelu': lambda x: jax.nn.gelu(x, approximate=False),  # x * Phi(x), as BERT's 'gelu'.
+    'gelu_tanh': lambda x: jax.nn.gelu(x, approximate=True),  # HF 'gelu_new'.
+}
 
 
 def sinusoidal_positions(length: int, d_model: int) -> np.ndarray:
@@ -182,7 +217,8 @@ class MultiHeadAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-  """Position-wise feed-forward network: W_o ReLU(W_i x) (Vaswani et al. 2017, eq. 2)."""
+  """Position-wise feed-forward network: W_o act(W_i x) (Vaswani et al. 2017, eq. 2), with
+  act = `config.activation` (ReLU by default)."""
   config: TransformerConfig
 
   @nn.compact
@@ -192,17 +228,18 @@ class FeedForward(nn.Module):
     dense = lambda features, name: nn.DenseGeneral(
         features, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
         kernel_init=nn.initializers.xavier_uniform(), name=name)
-    h = nn.relu(dense(cfg.d_ff, 'wi')(x))  # [B, T, F]
+    h = ACTIVATIONS[cfg.activation](dense(cfg.d_ff, 'wi')(x))  # [B, T, F]
     h = Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
     return dense(cfg.d_model, 'wo')(h)     # [B, T, D]
 
 
 def _layer_norm(cfg: TransformerConfig) -> nn.LayerNorm:
-  return nn.LayerNorm(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+  return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
 
 
 class EncoderLayer(nn.Module):
-  """Pre-LN self-attention and feed-forward sub-layers."""
+  """Self-attention and feed-forward sub-layers, pre-LN `x + Dropout(SubLayer(LN(x)))` or,
+  with `norm_position='post'`, post-LN `LN(x + Dropout(SubLayer(x)))` (same parameters)."""
   config: TransformerConfig
 
   def setup(self):
@@ -216,6 +253,9 @@ class EncoderLayer(nn.Module):
   def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
     """x [B, S, D], mask [B, 1, 1, S] -> [B, S, D]."""
     drop = lambda y: self.dropout(y, deterministic=deterministic)
+    if self.config.norm_position == 'post':
+      x = self.self_attention_norm(x + drop(self.self_attention(x, x, mask, deterministic)))
+      return self.feed_forward_norm(x + drop(self.feed_forward(x, deterministic)))
     h = self.self_attention_norm(x)
     x = x + drop(self.self_attention(h, h, mask, deterministic))
     h = self.feed_forward_norm(x)
@@ -276,7 +316,12 @@ class DecoderLayer(nn.Module):
 
 
 class Embedder(nn.Module):
-  """Token embedding scaled by sqrt(D) plus sinusoidal positions (Vaswani et al. 3.4-3.5)."""
+  """Token embedding scaled by sqrt(D) plus sinusoidal positions (Vaswani et al. 3.4-3.5).
+
+  Configurable for BERT: unscaled tokens (`scale_embeddings=False`), a learned position
+  table `position_embed` ([max_position_embeddings, D]), a token-type table `type_embed`
+  ([type_vocab_size, D]) and a LayerNorm `norm` over the sum (`embedding_norm`).
+  """
   config: TransformerConfig
 
   def setup(self):
@@ -284,16 +329,44 @@ class Embedder(nn.Module):
     self.embed = nn.Embed(
         cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
         embedding_init=nn.initializers.normal(stddev=cfg.d_model ** -0.5))
+    table = lambda rows: nn.Embed(rows, cfg.d_model, dtype=cfg.dtype,
+                                  param_dtype=cfg.param_dtype,
+                                  embedding_init=nn.initializers.normal(stddev=0.02))
+    if cfg.position_embedding == 'learned':
+      self.position_embed = table(cfg.max_position_embeddings)
+    if cfg.type_vocab_size > 0:
+      self.type_embed = table(cfg.type_vocab_size)
+    if cfg.embedding_norm:
+      self.norm = _layer_norm(cfg)
 
   def __call__(self, tokens: Array, offset: Array | int = 0,
-               positions: Array | None = None) -> Array:
+               positions: Array | None = None, token_types: Array | None = None) -> Array:
     """int32 [B, L] at positions offset..offset+L-1, or at `positions` (int32 [B, L],
-    packed rows) -> [B, L, D] in `config.dtype`."""
+    packed rows), of token types `token_types` (int32 [B, L], default all 0; needs
+    `type_vocab_size` > 0) -> [B, L, D] in `config.dtype`.
+
+    Learned positions must stay below `max_position_embeddings` (a longer static length
+    raises ValueError; a traced position past the table would read NaN).
+    """
     cfg = self.config
-    x = self.embed(tokens) * np.sqrt(cfg.d_model).astype(cfg.dtype)
+    x = self.embed(tokens)
+    if cfg.scale_embeddings:
+      x = x * np.sqrt(cfg.d_model).astype(cfg.dtype)
     if positions is None:
+      if (cfg.position_embedding == 'learned' and isinstance(offset, int)
+          and offset + tokens.shape[1] > cfg.max_position_embeddings):
+        raise ValueError(f'{offset + tokens.shape[1]} positions exceed '
+                         f'max_position_embeddings={cfg.max_position_embeddings}')
       positions = (offset + jnp.arange(tokens.shape[1]))[None]  # [1, L]
-    return x + sinusoid_at(positions, cfg.d_model).astype(cfg.dtype)
+    if cfg.position_embedding == 'learned':
+      x = x + self.position_embed(positions)
+    else:
+      x = x + sinusoid_at(positions, cfg.d_model).astype(cfg.dtype)
+    if cfg.type_vocab_size > 0:
+      x = x + self.type_embed(jnp.zeros_like(tokens) if token_types is None else token_types)
+    elif token_types is not None:
+      raise ValueError('token_types given but TransformerConfig.type_vocab_size is 0')
+    return self.norm(x) if cfg.embedding_norm else x
 
   def attend(self, x: Array) -> Array:
     """Output logits with the transposed embedding table: [B, T, D] -> float32 [B, T, V]."""
@@ -301,31 +374,35 @@ class Embedder(nn.Module):
 
 
 class Encoder(nn.Module):
-  """Stack of `num_encoder_layers` EncoderLayers over embedded source tokens."""
+  """Stack of `num_encoder_layers` EncoderLayers over embedded source tokens, ending with
+  a LayerNorm when pre-LN (post-LN layers already end with one)."""
   config: TransformerConfig
   embedder: Embedder
 
   def setup(self):
     cfg = self.config
     self.layers = [EncoderLayer(cfg) for _ in range(cfg.num_encoder_layers)]
-    self.final_norm = _layer_norm(cfg)
+    if cfg.norm_position == 'pre':
+      self.final_norm = _layer_norm(cfg)
     self.dropout = Dropout(cfg.dropout_rate)
 
   def __call__(self, inputs: Array, deterministic: bool, segmentation: Array | None = None,
-               positions: Array | None = None) -> Array:
-    """inputs int32 [B, S] (0 = pad), optional packing segment ids and positions
-    int32 [B, S] -> encoded [B, S, D]."""
-    x = self.dropout(self.embedder(inputs, positions=positions), deterministic=deterministic)
+               positions: Array | None = None, token_types: Array | None = None) -> Array:
+    """inputs int32 [B, S] (0 = pad), optional packing segment ids and positions, and
+    token types, int32 [B, S] -> encoded [B, S, D]."""
+    x = self.dropout(self.embedder(inputs, positions=positions, token_types=token_types),
+                     deterministic=deterministic)
     mask = padding_mask(inputs)  # [B, 1, 1, S]
     if segmentation is not None:
       mask = mask & segment_mask(segmentation, segmentation)  # [B, 1, S, S]
     for layer in self.layers:
       x = layer(x, mask, deterministic)
-    return self.final_norm(x)
+    return self.final_norm(x) if self.config.norm_position == 'pre' else x
 
 
 class Decoder(nn.Module):
-  """Stack of `num_decoder_layers` DecoderLayers and the output projection to logits."""
+  """Stack of `num_decoder_layers` DecoderLayers and the output projection to logits
+  (always pre-LN: `config.norm_position` applies to the encoder only)."""
   config: TransformerConfig
   embedder: Embedder
 
@@ -434,3 +511,64 @@ class Transformer(nn.Module):
                        inputs_segmentation=inputs_segmentation,
                        targets_segmentation=targets_segmentation,
                        targets_position=targets_position)
+
+
+class _EncoderWithHead(nn.Module):
+  """The `Transformer` encoder alone (same submodule names, `source_embedder` and
+  `encoder`, so parameter paths line up) and a dropout + dense `head` of `num_labels`."""
+  config: TransformerConfig
+  num_labels: int
+
+  def setup(self):
+    cfg = self.config
+    self.source_embedder = Embedder(cfg)
+    self.encoder = Encoder(cfg, self.source_embedder)
+    self.head_dropout = Dropout(cfg.dropout_rate)
+    self.head = nn.Dense(self.num_labels, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+
+  def encode(self, inputs: Array, deterministic: bool = True,
+             token_types: Array | None = None) -> Array:
+    """inputs int32 [B, S] (0 = pad), token_types int32 [B, S] or None -> last hidden
+    states [B, S, D] in `config.dtype`."""
+    return self.encoder(inputs, deterministic, token_types=token_types)
+
+  def _classify(self, hidden: Array, deterministic: bool) -> Array:
+    """[..., D] -> float32 logits [..., num_labels]."""
+    hidden = self.head_dropout(hidden, deterministic=deterministic)
+    return self.head(hidden).astype(jnp.float32)
+
+
+class SequenceClassifier(_EncoderWithHead):
+  """One label distribution per sequence from the encoder's pooled hidden states.
+
+  pooling: 'first' takes the hidden state of position 0 (BERT's [CLS]; BERT's tanh
+  pooler is not part of this model), 'mean' averages the hidden states of the real
+  (non-pad) tokens.
+  """
+  pooling: str = 'first'
+
+  def __call__(self, inputs: Array, deterministic: bool = True,
+               token_types: Array | None = None) -> Array:
+    """inputs int32 [B, S] (0 = pad), token_types int32 [B, S] or None -> logits
+    float32 [B, num_labels]. `deterministic=False` needs a 'dropout' rng."""
+    hidden = self.encode(inputs, deterministic, token_types)  # [B, S, D]
+    if self.pooling == 'first':
+      pooled = hidden[:, 0]
+    elif self.pooling == 'mean':
+      real = (inputs != PAD_ID)[..., None]  # [B, S, 1]
+      total = jnp.sum(jnp.where(real, hidden.astype(jnp.float32), 0.0), axis=1)
+      pooled = (total / jnp.maximum(jnp.sum(real, axis=1), 1)).astype(hidden.dtype)
+    else:
+      raise ValueError(f"pooling={self.pooling!r} is not one of ('first', 'mean')")
+    return self._classify(pooled, deterministic)  # [B, num_labels]
+
+
+class TokenClassifier(_EncoderWithHead):
+  """One label distribution per token (tagging): dropout + dense head at every position."""
+
+  def __call__(self, inputs: Array, deterministic: bool = True,
+               token_types: Array | None = None) -> Array:
+    """inputs int32 [B, S] (0 = pad), token_types int32 [B, S] or None -> logits
+    float32 [B, S, num_labels] (padding positions hold values the caller ignores).
+    `deterministic=False` needs a 'dropout' rng."""
+    return self._classify(self.encode(inputs, deterministic, token_types), deterministic)

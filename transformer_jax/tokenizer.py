@@ -14,6 +14,7 @@ import tempfile
 from typing import Iterable
 
 from absl import logging
+import numpy as np
 import sentencepiece as spm
 
 PAD_ID = 0
@@ -67,3 +68,59 @@ def load(model_path: str) -> spm.SentencePieceProcessor:
     raise ValueError(f'{model_path}: special ids (pad, eos, bos, unk) are {ids}, expected '
                      f'{(PAD_ID, EOS_ID, BOS_ID, UNK_ID)}')
   return sp
+
+
+def load_or_train(config, workdir: str, sentences: list[str]) -> spm.SentencePieceProcessor:
+  """The SentencePiece model in {workdir}/tokenizer/spm.model, trained on (at most
+  `config.spm_max_sentences`, sampled with `config.seed`) `sentences` the first time and
+  reused on restarts."""
+  path = os.path.join(workdir, 'tokenizer', 'spm.model')
+  if os.path.exists(path):
+    logging.info('Reusing tokenizer %s', path)
+    return load(path)
+  rng = np.random.default_rng(config.seed)
+  if len(sentences) > config.spm_max_sentences:
+    sentences = [sentences[i] for i in
+                 rng.choice(len(sentences), config.spm_max_sentences, replace=False)]
+  return train(sentences, path, config.vocab_size, config.spm_model_type,
+               config.spm_character_coverage)
+
+
+class SentencePieceTokenizer:
+  """A SentencePiece model with the interface the encoder tasks use (the same as
+  `hf_import.WordPieceTokenizer`): each text becomes `BOS pieces EOS`, BOS playing the
+  part of BERT's [CLS] (the position 'first' pooling reads) and EOS that of [SEP].
+
+  Args:
+    sp: a loaded processor (`load` or `train`).
+  """
+
+  def __init__(self, sp: spm.SentencePieceProcessor):
+    self.sp = sp
+    self.pad_id, self.unk_id = PAD_ID, UNK_ID
+
+  @property
+  def vocab_size(self) -> int:
+    return self.sp.vocab_size()
+
+  def _wrap(self, pieces: list[int], max_length: int) -> list[int]:
+    return [BOS_ID] + pieces[:max_length - 2] + [EOS_ID]
+
+  def encode(self, texts: list[str], max_length: int) -> list[np.ndarray]:
+    """Each text -> int32 [n] ids `BOS pieces EOS`, n <= max_length (pieces past
+    max_length - 2 are dropped)."""
+    return [np.asarray(self._wrap(ids, max_length), np.int32) for ids in self.sp.encode(texts)]
+
+  def encode_words(self, words: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pre-split words -> (ids int32 [n], word_index int32 [n]): word_index[i] = j where
+    position i holds the first piece of words[j], else -1. Each word is encoded alone
+    (with SentencePiece's word-start marker, as inside a sentence); a word without
+    pieces gets UNK; words cut off by `max_length` have no position."""
+    pieces, starts = [], []
+    for j, word_pieces in enumerate(self.sp.encode(list(words)) if words else []):
+      word_pieces = word_pieces or [UNK_ID]
+      starts.extend([j] + [-1] * (len(word_pieces) - 1))
+      pieces.extend(word_pieces)
+    ids = self._wrap(pieces, max_length)
+    word_index = [-1] + starts[:len(ids) - 2] + [-1]
+    return np.asarray(ids, np.int32), np.asarray(word_index, np.int32)

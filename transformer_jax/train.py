@@ -1,4 +1,13 @@
-"""Training loop: jit-compiled train/eval steps, evaluation, logging and checkpoints."""
+"""The training loop, the same for every task (`transformer_jax.tasks`).
+
+The loop knows nothing of languages, labels or BLEU: it runs a task's batches through a
+jit-compiled train step (the task's loss, the optimizer), logs train metrics,
+throughput and MFU (progress bar, TensorBoard, train.log), evaluates every
+`eval_every_steps` with the task's `evaluate`, keeps the best checkpoint by the task's
+`best_metric`, stops after `patience` evaluations without improvement, checkpoints with
+Orbax, resumes exactly, stops cleanly on Ctrl-C, and finally scores `config.test_split`
+with the best checkpoint.
+"""
 from __future__ import annotations
 
 import functools
@@ -15,25 +24,17 @@ from absl import logging
 import flax
 from flax.metrics import tensorboard
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import tqdm
 
 from transformer_jax import checkpoints
 from transformer_jax import config_schema
-from transformer_jax import data
-from transformer_jax import evaluation
 from transformer_jax import flops
 from transformer_jax import hugepages
-from transformer_jax import losses
-from transformer_jax import models
 from transformer_jax import optim
-from transformer_jax import scoring
 from transformer_jax import sharding
-from transformer_jax import tokenizer
-from transformer_jax import translate
-from transformer_jax.tokenizer import PAD_ID
+from transformer_jax import tasks
 
 
 @flax.struct.dataclass
@@ -45,68 +46,34 @@ class TrainState:
   opt_state: Any
 
 
-def train_step(state: TrainState, batch: dict, *, model: models.Transformer,
-               optimizer: optax.GradientTransformation, loss_fn: losses.LossFn,
-               schedule: Callable, seed: int) -> tuple[TrainState, dict]:
-  """One optimizer update on a batch {'inputs': int32 [B, S], 'targets': int32 [B, T]}
-  (plus `data.PACKING_KEYS` for packed rows).
+LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
 
-  Returns the new state and scalar metrics: the loss function's, plus 'loss',
-  'grad_norm' and 'learning_rate'.
+
+def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn,
+               optimizer: optax.GradientTransformation, schedule: Callable,
+               seed: int) -> tuple[TrainState, dict]:
+  """One optimizer update on a batch.
+
+  Args:
+    state: the current state.
+    batch: {name: array [B, ...]}, whatever the task's loss reads.
+    loss_fn: (params, batch, dropout_rng) -> (scalar loss, metrics): a task's `loss`.
+    optimizer: the Optax transformation (`optim.make_optimizer`).
+    schedule: its learning-rate schedule, logged.
+    seed: the run's seed; the dropout rng of a step is fold_in(PRNGKey(seed), step).
+
+  Returns:
+    The new state and scalar metrics: the loss function's, plus 'loss', 'grad_norm'
+    and 'learning_rate'.
   """
   dropout_rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
-  weights = (batch['targets'] != PAD_ID).astype(jnp.float32)
-  packing = {k: batch[k] for k in data.PACKING_KEYS if k in batch}
-
-  def objective(params):
-    logits = model.apply({'params': params}, batch['inputs'], batch['targets'],
-                         deterministic=False, rngs={'dropout': dropout_rng}, **packing)
-    return loss_fn(logits, batch['targets'], weights)
-
-  (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params, batch, dropout_rng)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {**metrics, 'loss': loss, 'grad_norm': optax.global_norm(grads),
              'learning_rate': schedule(state.step)}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-
-def eval_step(params, batch: dict, *, model: models.Transformer) -> dict:
-  """Sums over a batch's real target tokens: 'nll' (unsmoothed), 'correct', 'num_tokens'."""
-  weights = (batch['targets'] != PAD_ID).astype(jnp.float32)
-  logits = model.apply({'params': params}, batch['inputs'], batch['targets'])
-  _, metrics = losses.cross_entropy(logits, batch['targets'], weights)
-  n = metrics['num_tokens']
-  return {'nll': metrics['nll'] * n, 'correct': metrics['accuracy'] * n, 'num_tokens': n}
-
-
-def evaluate(eval_fn: Callable, params, batcher: data.Batcher, eval_ds, mesh,
-             num_batches: int) -> dict:
-  """Validation loss (per real token), perplexity and token accuracy over `eval_ds`."""
-  sums = []
-  for i, batch in enumerate(eval_ds.as_numpy_iterator()):
-    if i == num_batches:
-      break
-    sums.append(eval_fn(params, sharding.put_batch(batcher.pad_rows(batch), mesh)))
-  totals = jax.tree.map(lambda *x: float(np.sum(x)), *jax.device_get(sums))
-  n = max(totals['num_tokens'], 1.0)
-  return {'loss': totals['nll'] / n, 'perplexity': float(np.exp(totals['nll'] / n)),
-          'accuracy': totals['correct'] / n}
-
-
-def load_or_train_tokenizer(config, workdir: str, sentences: list[str]):
-  """The SentencePiece model in {workdir}/tokenizer/spm.model, trained on `sentences`
-  the first time and reused on restarts."""
-  path = os.path.join(workdir, 'tokenizer', 'spm.model')
-  if os.path.exists(path):
-    logging.info('Reusing tokenizer %s', path)
-    return tokenizer.load(path)
-  rng = np.random.default_rng(config.seed)
-  if len(sentences) > config.spm_max_sentences:
-    sentences = [sentences[i] for i in
-                 rng.choice(len(sentences), config.spm_max_sentences, replace=False)]
-  return tokenizer.train(sentences, path, config.vocab_size, config.spm_model_type,
-                         config.spm_character_coverage)
 
 
 class _LogFile:
@@ -127,70 +94,72 @@ class _LogFile:
     self.handler.close()
 
 
-def create_state(config, vocab_size: int, mesh) -> tuple[models.Transformer,
-                                                         optax.GradientTransformation,
-                                                         TrainState]:
-  """The model, its optimizer and a freshly initialized state replicated over `mesh`."""
-  model = models.Transformer(models.TransformerConfig.from_config(config, vocab_size))
-  optimizer = optim.make_optimizer(config)
-
-  def init(rng):
-    dummy = jnp.ones((1, 8), jnp.int32)
-    params = model.init(rng, dummy, dummy)['params']
-    return TrainState(step=jnp.array(0, jnp.int32), params=params,
-                      opt_state=optimizer.init(params))
-
-  state = jax.jit(init, out_shardings=sharding.replicated(mesh))(
-      jax.random.PRNGKey(config.seed))
-  return model, optimizer, state
+def create_state(task: tasks.Task, optimizer: optax.GradientTransformation, seed: int,
+                 mesh, pretrained: bool = False) -> TrainState:
+  """A freshly initialized state (the task's `init_params`, and with `pretrained` its
+  `load_pretrained`) replicated over `mesh`."""
+  replicated = sharding.replicated(mesh)
+  params = jax.jit(task.init_params, out_shardings=replicated)(jax.random.PRNGKey(seed))
+  if pretrained:
+    params = jax.device_put(task.load_pretrained(params), replicated)
+  return TrainState(step=jax.device_put(jax.numpy.array(0, jax.numpy.int32), replicated),
+                    params=params,
+                    opt_state=jax.jit(optimizer.init, out_shardings=replicated)(params))
 
 
 class BestCheckpoint:
-  """Keeps the checkpoint with the best validation BLEU in {workdir}/best, with its score
-  in best/score.json, and counts evaluations without improvement for early stopping."""
+  """Keeps the checkpoint with the best `metric` (improving in direction `mode`, 'max' or
+  'min') in {workdir}/best, with its value in best/score.json, and counts evaluations
+  without improvement for early stopping."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, metric: str, mode: str = 'max'):
     self.manager = checkpoints.make_manager(workdir, keep=1, subdir='best')
     self.path = os.path.join(workdir, 'best', 'score.json')
-    self.step, self.bleu = -1, -1.0
+    self.metric, self.mode = metric, mode
+    self.step, self.value = -1, None
     if os.path.exists(self.path):
       with open(self.path) as f:
         saved = json.load(f)
-      self.step, self.bleu = saved['step'], saved['bleu']
+      self.step, self.value = saved['step'], saved[saved.get('metric', 'bleu')]
 
-  def update(self, state: TrainState, bleu: float) -> bool:
-    """Saves `state` if `bleu` beats the best so far; returns whether it did."""
-    if bleu <= self.bleu:
+  def better(self, value: float) -> bool:
+    if self.value is None:
+      return True
+    return value > self.value if self.mode == 'max' else value < self.value
+
+  def update(self, state: TrainState, value: float) -> bool:
+    """Saves `state` if `value` beats the best so far; returns whether it did."""
+    if not self.better(value):
       return False
     checkpoints.save(self.manager, state)
     self.manager.wait_until_finished()
-    self.step, self.bleu = int(state.step), bleu
+    self.step, self.value = int(state.step), value
     tmp = self.path + '.tmp'
     with open(tmp, 'w') as f:
-      json.dump({'step': self.step, 'bleu': bleu}, f)
+      json.dump({'step': self.step, 'metric': self.metric, self.metric: value}, f)
     os.replace(tmp, self.path)
     return True
 
   def evaluations_since_best(self, step: int, every: int) -> int:
-    return (step - self.step) // every if self.step >= 0 else 0
+    return (step - self.step) // every if self.step >= 0 and every else 0
 
 
 def train_and_evaluate(config, workdir: str) -> TrainState:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
+  """Trains `config` (any task) in `workdir`, resuming from its latest checkpoint if there
+  is one.
 
-  Writes {workdir}/tokenizer/spm.model, checkpoints/, best/ (best validation BLEU),
-  translations/, tensorboard/ and train.log. At the end, scores `config.test_split` with
-  the best checkpoint. Returns the final train state.
+  Writes the task's files (tokenizer/, model_config.json, outputs), checkpoints/, best/
+  (best by the task's metric), tensorboard/ and train.log. At the end, scores
+  `config.test_split` with the best checkpoint. Returns the final train state.
 
   Raises:
     config_schema.ConfigError: a bad config field (before any work is done).
     multi30k.DataError: bad input data, naming the file and line.
   """
   config_schema.validate(config)
-  loss_fn = losses.get_loss(config)
   os.makedirs(workdir, exist_ok=True)
   with _LogFile(workdir):
-    return _train(config, workdir, loss_fn)
+    return _train(config, workdir)
 
 
 class _StopOnInterrupt:
@@ -222,31 +191,32 @@ class _StopOnInterrupt:
 
 
 class _Throughput:
-  """Counts steps, real target tokens, computed target positions and model FLOPs
-  (`flops`) between logs; `summary` turns them into rates and MFU against `peak_flops`
-  (FLOP/s of all devices)."""
+  """Counts steps and a task's `batch_stats` (examples, real tokens, computed positions,
+  model FLOPs) between logs; `summary` turns them into rates and MFU against
+  `peak_flops` (FLOP/s of all devices)."""
 
-  def __init__(self, model_config: models.TransformerConfig, peak_flops: float):
-    self.model_config, self.peak_flops = model_config, peak_flops
+  def __init__(self, peak_flops: float):
+    self.peak_flops = peak_flops
     self.reset()
 
   def reset(self):
-    self.steps = self.tokens = self.positions = self.flops = 0
+    self.steps = self.examples = self.tokens = self.positions = self.flops = 0
     self.start = time.perf_counter()
 
-  def add(self, batch: dict):
-    (rows, source_length), target_length = batch['inputs'].shape, batch['targets'].shape[1]
+  def add(self, stats: dict):
     self.steps += 1
-    self.tokens += int(np.count_nonzero(batch['targets']))
-    self.positions += rows * target_length
-    self.flops += flops.train_flops(self.model_config, rows, source_length, target_length)
+    self.examples += stats['examples']
+    self.tokens += stats['tokens']
+    self.positions += stats['positions']
+    self.flops += stats['flops']
 
   def summary(self) -> dict:
     """Rates since `reset`; call after the counted steps have finished."""
     seconds = time.perf_counter() - self.start
     return {'steps_per_second': self.steps / seconds,
-            'target_tokens_per_second': self.tokens / seconds,  # Real (non-pad) tokens.
-            'real_target_fraction': self.tokens / max(self.positions, 1),
+            'examples_per_second': self.examples / seconds,
+            'tokens_per_second': self.tokens / seconds,  # Real (non-pad) tokens.
+            'real_token_fraction': self.tokens / max(self.positions, 1),
             'flops_per_second': self.flops / seconds,
             'mfu': self.flops / seconds / self.peak_flops}
 
@@ -261,14 +231,12 @@ def _summarize(pending: list[dict], throughput: _Throughput) -> dict:
   return {**summary, **rates}
 
 
-def _eval_line(step: int, train: dict, result: dict, split: str, improved: bool) -> str:
-  line = (f"step {step}: train loss {train['loss']:.4f} | eval loss {result['loss']:.4f} "
-          f"ppl {result['perplexity']:.2f} acc {result['accuracy']:.4f} | "
-          f"{train['target_tokens_per_second']:.0f} target tok/s, "
+def _eval_line(task: tasks.Task, step: int, train: dict, result: dict, improved: bool) -> str:
+  return (f"step {step}: train loss {train['loss']:.4f} | {task.format_eval(result)}"
+          f"{' (best)' if improved else ''} | "
+          f"{train['examples_per_second']:.1f} examples/s, "
+          f"{train['tokens_per_second']:.0f} {task.token_unit}/s, "
           f"{train['flops_per_second'] / 1e9:.1f} GFLOP/s, MFU {100 * train['mfu']:.1f}%")
-  if 'bleu' in result:
-    line += f" | {split} BLEU {result['bleu']:.2f}{' (best)' if improved else ''}"
-  return line
 
 
 def _log(bar: tqdm.tqdm, message: str) -> None:
@@ -276,54 +244,36 @@ def _log(bar: tqdm.tqdm, message: str) -> None:
   logging.info(message)
 
 
-def _train(config, workdir: str, loss_fn: losses.LossFn) -> TrainState:
+def _train(config, workdir: str) -> TrainState:
   mesh = sharding.make_mesh()
   logging.info('Devices: %s; malloc huge pages: %s', mesh.devices,
                'on' if hugepages.active() else 'off')
+  task = tasks.create(config, workdir, mesh)
+  task.setup(training=True)
 
-  # Data and tokenizer.
-  train_src, train_tgt = data.load_pairs(config, config.train_split, workdir)
-  eval_text = data.load_pairs(config, config.eval_split, workdir)
-  test_text = data.load_pairs(config, config.test_split, workdir) if config.test_split else None
-  sp = load_or_train_tokenizer(config, workdir, train_src + train_tgt)
-  train_src, train_tgt = data.tokenize_pairs(sp, train_src, train_tgt, config)
-  eval_src, eval_tgt = data.tokenize_pairs(sp, *eval_text, config)
-  batcher = data.Batcher(max(config.max_source_length, config.max_target_length),
-                         config.max_tokens_per_batch, config.length_bucket_step, mesh.size,
-                         pack=config.pack_examples)
-  if config.pack_examples:
-    logging.info('Packed train batches: %d rows x %d tokens', batcher.packed_rows,
-                 batcher.max_length)
-  logging.info('Buckets (length: rows): %s', dict(zip(batcher.lengths, batcher.batch_sizes)))
-
-  # Model, optimizer, state.
-  model, optimizer, state = create_state(config, sp.vocab_size(), mesh)
+  optimizer = optim.make_optimizer(config)
+  manager = checkpoints.make_manager(workdir, config.keep_checkpoints)
+  state = create_state(task, optimizer, config.seed, mesh,
+                       pretrained=manager.latest_step() is None)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
-  logging.info('Model: %s parameters, vocab %d', f'{num_params:,}', sp.vocab_size())
+  logging.info('Model: %s parameters; %s', f'{num_params:,}', task.describe())
   peak = flops.peak_flops_per_device(mesh.devices.flat[0], config.dtype,
                                      config.peak_flops_per_device) * mesh.size
   logging.info('Peak for MFU: %.1f GFLOP/s (%d x %s)', peak / 1e9, mesh.size,
                mesh.devices.flat[0].device_kind)
-  throughput = _Throughput(model.config, peak)
-  manager = checkpoints.make_manager(workdir, config.keep_checkpoints)
+  throughput = _Throughput(peak)
   state = checkpoints.restore_latest(manager, state)
   start_step = int(state.step)
-  best = BestCheckpoint(workdir)
-  config_schema.save_model_config(config, sp.vocab_size(), workdir)
+  best = BestCheckpoint(workdir, task.best_metric, task.best_mode)
 
   replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   p_train_step = jax.jit(
-      functools.partial(train_step, model=model, optimizer=optimizer, loss_fn=loss_fn,
+      functools.partial(train_step, loss_fn=task.loss, optimizer=optimizer,
                         schedule=optim.learning_rate_schedule(config), seed=config.seed),
       in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
       donate_argnums=0)
-  p_eval_step = jax.jit(functools.partial(eval_step, model=model),
-                        in_shardings=(replicated, batch_sharding), out_shardings=replicated)
 
-  train_iter = batcher.train(train_src, train_tgt, config.seed, config.shuffle_buffer_size,
-                             skip=start_step).as_numpy_iterator()
-  eval_ds = batcher.eval(eval_src, eval_tgt)
-  translator = translate.Translator(model, state.params, sp, config, mesh)  # Compiles once.
+  train_iter = task.train_batches(config.seed, skip=start_step)
   writer = tensorboard.SummaryWriter(os.path.join(workdir, 'tensorboard'))
   bar = tqdm.tqdm(total=config.num_train_steps, initial=start_step, unit='step',
                   dynamic_ncols=True, desc='train')
@@ -333,12 +283,11 @@ def _train(config, workdir: str, loss_fn: losses.LossFn) -> TrainState:
   try:
     for step in range(start_step + 1, config.num_train_steps + 1):
       batch = next(train_iter)
-      throughput.add(batch)
+      throughput.add(task.batch_stats(batch))
       last = step == config.num_train_steps
       do_eval = step % config.eval_every_steps == 0 or last
-      do_bleu = config.bleu_every_steps and (step % config.bleu_every_steps == 0 or last)
       do_log = step % config.log_every_steps == 0 or do_eval
-      shape = (batch['inputs'].shape, batch['targets'].shape)
+      shape = tuple(sorted((k, v.shape) for k, v in batch.items()))
       compiles = shape not in shapes  # jit compiles once per batch shape.
       if compiles:
         shapes.add(shape)
@@ -356,31 +305,27 @@ def _train(config, workdir: str, loss_fn: losses.LossFn) -> TrainState:
         for name, value in train_summary.items():
           writer.scalar(f'train/{name}', value, step)
         bar.set_postfix(loss=f"{train_summary['loss']:.3f}",
-                        tok_s=f"{train_summary['target_tokens_per_second']:.0f}")
+                        tok_s=f"{train_summary['tokens_per_second']:.0f}")
         pending = []
 
       if do_eval:
-        result = evaluate(p_eval_step, state.params, batcher, eval_ds, mesh,
-                          config.num_eval_batches)
-        improved = False
-        if do_bleu:
-          translator.params = state.params
-          result['bleu'] = evaluation.score_split(translator, *eval_text, workdir,
-                                                  f'{config.eval_split}-step{step}')['bleu']
-          improved = best.update(state, result['bleu'])
+        result, report = task.evaluate(state.params, step, last)
+        improved = task.best_metric in result and best.update(state, result[task.best_metric])
         for name, value in result.items():
           writer.scalar(f'eval/{name}', value, step)
         writer.flush()
-        _log(bar, _eval_line(step, train_summary, result, config.eval_split, improved))
+        _log(bar, _eval_line(task, step, train_summary, result, improved))
+        if report:
+          _log(bar, report)
 
-      stop_early = bool(config.bleu_every_steps and config.patience and
-                        best.evaluations_since_best(step, config.bleu_every_steps)
+      stop_early = bool(config.patience and task.best_metric and
+                        best.evaluations_since_best(step, task.metric_every_steps)
                         >= config.patience)
       if step % config.checkpoint_every_steps == 0 or last or stop_early:
         checkpoints.save(manager, state)
       if stop_early:
-        _log(bar, f'Early stopping at step {step}: no BLEU improvement in {config.patience} '
-                  f'evaluations (best {best.bleu:.2f} at step {best.step})')
+        _log(bar, f'Early stopping at step {step}: no {task.best_metric} improvement in '
+                  f'{config.patience} evaluations (best {best.value:.4f} at step {best.step})')
         break
       if do_log:
         throughput.reset()  # Eval and checkpoint time is not training time.
@@ -411,17 +356,11 @@ def _train(config, workdir: str, loss_fn: losses.LossFn) -> TrainState:
     manager.wait_until_finished()
     manager.close()
 
-  if test_text:
-    params = state.params
+  if config.test_split:
+    params, name = state.params, f'step{int(state.step)}'
     if best.step >= 0:
-      params = checkpoints.restore_latest(best.manager, state).params
-    translator.params = params
-    result = evaluation.score_split(
-        translator, *test_text, workdir,
-        f'{config.test_split}-' + (f'best-step{best.step}' if best.step >= 0
-                                    else f'step{int(state.step)}'))
-    report = (f'{config.test_split} ({"best" if best.step >= 0 else "last"} checkpoint):\n'
-              + scoring.report(result))
+      params, name = checkpoints.restore_latest(best.manager, state).params, f'best-step{best.step}'
+    _, report = task.test(params, config.test_split, name)
     print(report)
     logging.info(report)
   best.manager.close()

@@ -1,0 +1,123 @@
+"""Defaults for the encoder-only tasks (classification, tagging), on SST-2 from scratch.
+
+`configs/sst2.py`, `sst2_scratch.py` and `germeval.py` start from `get_config()` here;
+every field has a comment. `--config=configs/encoder.py:tiny` is a seconds-long model.
+"""
+import os
+
+import ml_collections
+
+# Folder holding the shared data sets (sst2/, germeval2014/, multi30k/); by default
+# ../shared/data beside the checkout.
+SHARED_DATA_ENV = 'TRANSFORMER_JAX_SHARED_DATA'
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def shared_data(name: str) -> str:
+  """$TRANSFORMER_JAX_SHARED_DATA/name, else <repo>/../shared/data/name."""
+  root = os.environ.get(SHARED_DATA_ENV) or os.path.join(REPO, '..', 'shared', 'data')
+  return os.path.normpath(os.path.join(root, name))
+
+
+def get_config(variant: str = '') -> ml_collections.ConfigDict:
+  """Returns the config; `variant` is '' (default) or 'tiny'."""
+  c = ml_collections.ConfigDict()
+  c.task = 'classification'   # 'classification' or 'tagging' (transformer_jax/tasks/).
+
+  # --- Data ---------------------------------------------------------------
+  # classification: {data_dir}/{split}.tsv[.gz] with a header naming text_column
+  # and label_column; tagging: {data_dir}/{split}.conll[.gz], word in column 0 and
+  # the tag in tag_column (0-based), a blank line between sentences.
+  c.data_dir = shared_data('sst2')
+  c.train_split = 'train'
+  c.eval_split = 'validation'
+  c.test_split = 'validation'  # Scored with the best checkpoint at the end; '' = skip.
+  c.text_column = 'sentence'
+  c.label_column = 'label'
+  c.tag_column = 1
+  c.repair_iob = False        # tagging: True turns an I-X starting an entity into B-X.
+  # The label names, in the order of the head's outputs; num_labels=1 with no labels
+  # is regression (loss 'mse'). Or one label per line in labels_file.
+  c.labels = ('0', '1')
+  c.labels_file = ''
+  c.num_labels = 2
+  c.max_length = 128          # Sub-tokens per sentence, [CLS]/[SEP] (BOS/EOS) included.
+  c.truncate = True           # Over-long training sentences: True cuts, False drops.
+  c.max_tokens_per_batch = 2048  # Padded tokens per global batch.
+  c.length_bucket_step = 1.5  # Bucket boundaries grow by this factor.
+  c.shuffle_buffer_size = 100_000
+
+  # --- Tokenizer: SentencePiece trained on the training texts (init_from='') --
+  c.vocab_size = 8000
+  c.spm_model_type = 'unigram'
+  c.spm_max_sentences = 1_000_000
+  c.spm_character_coverage = 1.0
+
+  # --- Model ----------------------------------------------------------------
+  # '' = our pre-LN encoder from the fields below; 'hf:/folder' = a Hugging Face
+  # BERT checkpoint (config.json, model.safetensors, vocab.txt) whose architecture
+  # and WordPiece vocabulary replace them (the dropout rates and dtype below apply).
+  c.init_from = ''
+  c.pooling = 'mean'          # classification: 'first' token ([CLS]/BOS) or 'mean'.
+  c.d_model = 256
+  c.num_heads = 4
+  c.d_ff = 1024
+  c.num_encoder_layers = 4
+  c.dropout_rate = 0.1
+  c.attention_dropout_rate = 0.1
+  c.dtype = 'float32'
+  c.param_dtype = 'float32'
+
+  # --- Loss -----------------------------------------------------------------
+  # 'cross_entropy', 'mse' (regression) or 'my_pkg.losses:fn' with signature
+  # (logits [B, C] or [B, S, C], targets [B] or [B, S], weights) -> (loss, metrics).
+  c.loss = 'cross_entropy'
+  c.label_smoothing = 0.0
+
+  # --- Optimizer --------------------------------------------------------------
+  c.optimizer = 'adamw'       # 'adamw' or 'sgd'.
+  c.learning_rate = 5e-4
+  c.warmup_steps = 200
+  c.schedule = 'linear'       # 'rsqrt', 'cosine', 'linear' or 'constant' after warmup.
+  c.adam_b1 = 0.9
+  c.adam_b2 = 0.999
+  c.adam_eps = 1e-6
+  c.momentum = 0.9            # optimizer='sgd' only.
+  c.nesterov = False
+  c.weight_decay = 0.01       # Not applied to biases, LayerNorm, embeddings.
+  c.max_grad_norm = 1.0
+
+  # --- Evaluation and loop ----------------------------------------------------
+  c.patience = 0              # Stop after this many evals without gain; 0 = off.
+  c.average_checkpoints = 1
+  c.seed = 0
+  c.num_train_steps = 3000
+  c.eval_every_steps = 250
+  c.num_eval_batches = -1     # Classification and tagging always score the whole split.
+  c.checkpoint_every_steps = 500
+  c.keep_checkpoints = 2
+  c.log_every_steps = 50
+  c.peak_flops_per_device = 0.0
+
+  if variant == 'tiny':
+    tiny(c)
+  elif variant:
+    raise ValueError(f"unknown variant {variant!r}; use '' or 'tiny'")
+  return c
+
+
+def tiny(c: ml_collections.ConfigDict) -> None:
+  """A model and a run that take seconds (smoke tests): in place."""
+  c.vocab_size = 500
+  c.spm_max_sentences = 5000
+  c.d_model = 32
+  c.num_heads = 2
+  c.d_ff = 64
+  c.num_encoder_layers = 1
+  c.max_length = 32
+  c.max_tokens_per_batch = 512
+  c.num_train_steps = 30
+  c.warmup_steps = 5
+  c.eval_every_steps = 15
+  c.checkpoint_every_steps = 15
+  c.log_every_steps = 5

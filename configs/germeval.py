@@ -1,0 +1,34 @@
+"""GermEval 2014 German NER (outer tags, column 2 of the files) from scratch: our encoder,
+a SentencePiece vocabulary trained on the training sentences, entity F1 with seqeval
+(strict IOB2). `:tiny` trains in seconds. Results: docs/benchmarks.md."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import encoder  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+TYPES = ('PER', 'LOC', 'ORG', 'OTH', 'PERderiv', 'LOCderiv', 'ORGderiv', 'OTHderiv',
+         'PERpart', 'LOCpart', 'ORGpart', 'OTHpart')
+LABELS = ('O',) + tuple(f'{p}-{t}' for t in TYPES for p in ('B', 'I'))
+
+
+def get_config(variant: str = ''):
+  c = encoder.get_config()
+  c.task = 'tagging'
+  c.data_dir = encoder.shared_data('germeval2014')
+  c.test_split = 'test'
+  c.tag_column = 1            # The outer tags (column 2 of 3).
+  c.labels = LABELS
+  c.num_labels = len(LABELS)
+  c.max_length = 128
+  c.max_tokens_per_batch = 4096
+  c.vocab_size = 8000
+  c.learning_rate = 1e-3
+  c.num_train_steps = 3000
+  c.eval_every_steps = 300
+  if variant == 'tiny':
+    encoder.tiny(c)
+    c.max_length = 64
+  elif variant:
+    raise ValueError(f"unknown variant {variant!r}; use '' or 'tiny'")
+  return c

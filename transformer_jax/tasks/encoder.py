@@ -1,0 +1,239 @@
+"""What the encoder-only tasks (classification, tagging) share: the tokenizer, the
+model's architecture (ours from the run config, or an imported BERT's), label lists,
+length-bucketed batches and the pretrained-weights import.
+
+Tokenizer and architecture:
+  init_from=''            our pre-LN encoder from the run config (d_model, num_heads,
+                          d_ff, num_encoder_layers), a SentencePiece model trained on
+                          the training texts ({workdir}/tokenizer/spm.model);
+  init_from='hf:FOLDER'   a Hugging Face BERT checkpoint (`transformer_jax.hf_import`):
+                          its architecture from FOLDER/config.json, its weights (the head
+                          stays freshly initialized), its WordPiece vocabulary (copied to
+                          {workdir}/tokenizer/vocab.txt). The run config's dropout rates
+                          and dtype apply.
+Both are recorded in {workdir}/model_config.json, which the eval and predict modes read.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from transformer_jax import config_schema
+from transformer_jax import data
+from transformer_jax import hf_import
+from transformer_jax import models
+from transformer_jax import multi30k
+from transformer_jax import readers
+from transformer_jax import tokenizer
+from transformer_jax.tasks import base
+
+HF_PREFIX = 'hf:'
+
+
+def architecture_to_json(cfg: models.TransformerConfig) -> dict:
+  """A TransformerConfig as JSON-able data (dtypes by name)."""
+  record = dataclasses.asdict(cfg)
+  record['dtype'], record['param_dtype'] = jnp.dtype(cfg.dtype).name, jnp.dtype(
+      cfg.param_dtype).name
+  return record
+
+
+def architecture_from_json(record: dict) -> models.TransformerConfig:
+  return models.TransformerConfig(**{**record, 'dtype': jnp.dtype(record['dtype']),
+                                     'param_dtype': jnp.dtype(record['param_dtype'])})
+
+
+def data_file(config, split: str, extension: str) -> str:
+  """{data_dir}/{split}.{extension}[.gz].
+
+  Raises:
+    multi30k.DataError: neither file exists (naming both).
+  """
+  return multi30k.find_file(config.data_dir, split, extension)
+
+
+class EncoderTask(base.Task):
+  """Base of the encoder-only tasks. Subclasses implement `_read` (a split -> examples)
+  and `_features` (examples -> Batcher features), `_make_model`, `loss` and the rest of
+  the Task interface."""
+  FIELDS = config_schema.ENCODER_SCHEMA
+  token_unit = 'tok'
+
+  # --- Setup ------------------------------------------------------------------------
+  def setup(self, training: bool) -> None:
+    cfg, workdir = self.config, self.workdir
+    self.hf_folder = cfg.init_from[len(HF_PREFIX):] if cfg.init_from else ''
+    if training:
+      self.labels = self._labels_from_config()
+      self.train_examples = self._read(cfg.train_split)
+      self.eval_examples = self._read(cfg.eval_split)
+      self.test_examples = self._read(cfg.test_split) if cfg.test_split else None
+      self.tokenizer, architecture = self._tokenizer_and_architecture()
+      config_schema.save_model_config(
+          cfg, self.tokenizer.vocab_size, workdir,
+          fields=() if self.hf_folder else config_schema.MODEL_FIELDS,
+          extra={'task': cfg.task, 'labels': list(self.labels),
+                 'architecture': architecture_to_json(architecture)})
+    else:
+      config_schema.check_model_config(cfg, workdir)
+      record = config_schema.load_model_config(workdir)
+      if 'architecture' not in record:
+        raise FileNotFoundError(f'{workdir}/model_config.json: missing or not written by a '
+                                f'{cfg.task} run; is {workdir} a training workdir?')
+      self.labels = record['labels']
+      architecture = dataclasses.replace(
+          architecture_from_json(record['architecture']), dtype=jnp.dtype(cfg.dtype))
+      self.tokenizer = self._load_tokenizer()
+    self.model = self._make_model(architecture)
+    self.batcher = data.Batcher(cfg.max_length, cfg.max_tokens_per_batch,
+                                cfg.length_bucket_step, self.mesh.size)
+    self._predict_fn = jax.jit(
+        lambda params, inputs: self.model.apply({'params': params}, inputs))
+    if training:
+      self.train_features = self._features(self.train_examples, cfg.train_split)
+      logging.info('Buckets (length: rows): %s',
+                   dict(zip(self.batcher.lengths, self.batcher.batch_sizes)))
+
+  def _labels_from_config(self) -> list[str]:
+    cfg = self.config
+    labels = list(cfg.labels)
+    if cfg.labels_file:
+      labels = readers.read_labels_file(cfg.labels_file)
+      if len(labels) != cfg.num_labels:
+        raise config_schema.ConfigError(
+            f'config.num_labels={cfg.num_labels}: {cfg.labels_file} has {len(labels)} labels')
+    return labels
+
+  def _load_tokenizer(self):
+    folder = os.path.join(self.workdir, 'tokenizer')
+    if os.path.exists(os.path.join(folder, hf_import.VOCAB_FILE)):
+      return hf_import.WordPieceTokenizer.load(folder)
+    path = os.path.join(folder, 'spm.model')
+    if not os.path.exists(path):
+      raise FileNotFoundError(f'{folder}: no tokenizer; is {self.workdir} a training workdir?')
+    return tokenizer.SentencePieceTokenizer(tokenizer.load(path))
+
+  def _tokenizer_and_architecture(self):
+    cfg = self.config
+    if self.hf_folder:
+      kwargs = hf_import.read_bert_config(self.hf_folder)
+      architecture = models.TransformerConfig(**{
+          **kwargs, 'dropout_rate': cfg.dropout_rate,
+          'attention_dropout_rate': cfg.attention_dropout_rate,
+          'dtype': jnp.dtype(cfg.dtype), 'param_dtype': jnp.dtype(cfg.param_dtype)})
+      if cfg.max_length > architecture.max_position_embeddings:
+        raise config_schema.ConfigError(
+            f'config.max_length={cfg.max_length}: the imported model has '
+            f'{architecture.max_position_embeddings} positions')
+      folder = os.path.join(self.workdir, 'tokenizer')
+      wordpiece = hf_import.WordPieceTokenizer(self.hf_folder)
+      wordpiece.save(folder)
+      return wordpiece, architecture
+    sp = tokenizer.load_or_train(cfg, self.workdir, self._texts(self.train_examples))
+    return (tokenizer.SentencePieceTokenizer(sp),
+            models.TransformerConfig.from_config(cfg, sp.vocab_size()))
+
+  def init_params(self, rng: jax.Array):
+    dummy = jnp.ones((1, 8), jnp.int32)
+    return self.model.init(rng, dummy)['params']
+
+  def load_pretrained(self, params):
+    """Replaces the encoder's parameters by the imported checkpoint's (init_from='hf:'),
+    logging what was loaded, what kept its initial value and what the checkpoint had
+    that the model does not use."""
+    if not self.hf_folder:
+      return params
+    _, imported, unused = hf_import.load_bert(self.hf_folder, return_unused=True)
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep='/')
+    loaded = flax.traverse_util.flatten_dict(imported, sep='/')
+    for name, value in loaded.items():
+      if name not in flat or flat[name].shape != value.shape:
+        raise hf_import.HFImportError(f'{self.hf_folder}: {name} does not fit the model')
+      flat[name] = jnp.asarray(value, flat[name].dtype)
+    kept = sorted(set(flat) - set(loaded))
+    logging.info('Imported %d tensors from %s; initialized: %s; unused from the checkpoint: '
+                 '%s', len(loaded), self.hf_folder, ', '.join(kept) or 'none',
+                 ', '.join(unused) or 'none')
+    return flax.traverse_util.unflatten_dict(flat, sep='/')
+
+  def describe(self) -> str:
+    cfg = self.model.config
+    source = f'imported from {self.hf_folder}' if self.hf_folder else 'from scratch'
+    return (f'{type(self.model).__name__} ({cfg.num_encoder_layers} layers, d_model '
+            f'{cfg.d_model}, {cfg.norm_position}-LN, {source}), vocab '
+            f'{self.tokenizer.vocab_size}, {len(self.labels) or 1} labels')
+
+  # --- Batches ----------------------------------------------------------------------
+  def train_batches(self, seed: int, skip: int):
+    features = {k: v for k, v in self.train_features.items() if k != 'index'}
+    return self.batcher.train(features, seed, self.config.shuffle_buffer_size,
+                              skip=skip).as_numpy_iterator()
+
+  def _eval_batches(self, features: dict):
+    """Host batches of one pass over `features`, padded to full rows; 'index' holds
+    1 + the example's position (0 on padding rows)."""
+    for batch in self.batcher.eval(features).as_numpy_iterator():
+      yield self.batcher.pad_rows(batch)
+
+  def _logits(self, params, batch: dict) -> np.ndarray:
+    from transformer_jax import sharding  # pylint: disable=g-import-not-at-top
+    inputs = sharding.put_batch({'inputs': batch['inputs']}, self.mesh)['inputs']
+    return np.asarray(jax.device_get(self._predict_fn(params, inputs)), np.float64)
+
+  def batch_stats(self, batch):
+    rows, length = batch['inputs'].shape
+    return {'examples': int(np.count_nonzero(batch['inputs'][:, 0])),
+            'tokens': int(np.count_nonzero(batch['inputs'])),
+            'positions': rows * length,
+            'flops': 3 * self._forward_flops(rows, length)}
+
+  # --- For subclasses ---------------------------------------------------------------
+  def _read(self, split: str):
+    raise NotImplementedError
+
+  def _texts(self, examples) -> list[str]:
+    """The training texts the SentencePiece model is trained on."""
+    raise NotImplementedError
+
+  def _features(self, examples, split: str) -> dict:
+    raise NotImplementedError
+
+  def _make_model(self, architecture: models.TransformerConfig):
+    raise NotImplementedError
+
+  def _forward_flops(self, rows: int, length: int) -> float:
+    raise NotImplementedError
+
+
+def fit_length(ids: list[np.ndarray], config, split: str, training: bool
+               ) -> tuple[list[np.ndarray], np.ndarray]:
+  """Sequences longer than `config.max_length`: in training data, cut (keeping their
+  last, [SEP]/EOS, token) with `config.truncate`, else dropped; in other data always cut
+  (every example is scored). Logs the counts for `split`. Returns the sequences and the
+  indices of the kept ones (int64 [n])."""
+  limit = config.max_length
+  long = [i for i, x in enumerate(ids) if len(x) > limit]
+  keep = np.arange(len(ids))
+  if long and training and not config.truncate:
+    keep = np.setdiff1d(keep, long)
+    logging.info('%s: dropped %d of %d sequences longer than max_length=%d tokens '
+                 '(config.truncate=False)', split, len(long), len(ids), limit)
+  elif long:
+    ids = list(ids)
+    for i in long:
+      ids[i] = np.concatenate([ids[i][:limit - 1], ids[i][-1:]])
+    logging.info('%s: cut %d of %d sequences to max_length=%d tokens', split, len(long),
+                 len(ids), limit)
+  return ids, keep
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+  """float64 log-probabilities over the last axis (host-side evaluation)."""
+  shifted = logits - logits.max(axis=-1, keepdims=True)
+  return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
