@@ -91,7 +91,7 @@ def main(argv):
 
   # pylint: disable=g-import-not-at-top
   from absl import logging
-  from transformer_jax import evaluation, multi30k, train
+  from transformer_jax import evaluation, hf_import, multi30k, train
   if FLAGS.mode != 'train':
     logging.set_verbosity(logging.WARNING)  # Keep stdout/stderr to results and problems.
   try:
@@ -106,7 +106,8 @@ def main(argv):
         target = (files.enter_context(open(FLAGS.output, 'w', encoding='utf-8'))
                   if FLAGS.output else sys.stdout)
         evaluation.run_predict(config, workdir, source, target, FLAGS.checkpoint)
-  except (config_schema.ConfigError, multi30k.DataError, FileNotFoundError,
+  except (config_schema.ConfigError, multi30k.DataError, hf_import.HFImportError,
+          FileNotFoundError,
           UnicodeDecodeError) as e:
     sys.exit(f'error: {e}')
   except KeyboardInterrupt:

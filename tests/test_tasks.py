@@ -1,0 +1,272 @@
+"""The encoder-only tasks on the shared trainer: classification (SST-2 rows) and tagging
+(GermEval rows) learn, resume exactly, ignore non-first sub-tokens, and report errors in
+one line; the command line trains, evaluates and predicts with the shipped configs."""
+import gzip
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.conftest import REPO
+from configs import encoder as encoder_config, germeval, sst2
+from transformer_jax import config_schema, losses, multi30k, optim, sharding, tasks, train
+
+SHARED = encoder_config.shared_data('')
+
+
+def _head_lines(path, n):
+  with gzip.open(path, 'rt', encoding='utf-8') as f:
+    return [next(f) for _ in range(n)]
+
+
+@pytest.fixture(scope='module')
+def sst2_dir(tmp_path_factory):
+  """train = the first 400 SST-2 training rows, validation = the first 100 of them."""
+  out = tmp_path_factory.mktemp('sst2')
+  lines = _head_lines(os.path.join(SHARED, 'sst2', 'train.tsv.gz'), 401)
+  (out / 'train.tsv').write_text(''.join(lines), encoding='utf-8')
+  (out / 'validation.tsv').write_text(''.join(lines[:101]), encoding='utf-8')
+  return str(out)
+
+
+@pytest.fixture(scope='module')
+def germeval_dir(tmp_path_factory):
+  """train = the first 300 GermEval training sentences, validation = the first 60."""
+  out = tmp_path_factory.mktemp('germeval')
+  sentences, current = [], []
+  with gzip.open(os.path.join(SHARED, 'germeval2014', 'train.conll.gz'), 'rt',
+                 encoding='utf-8') as f:
+    for line in f:
+      current.append(line)
+      if not line.strip():
+        sentences.append(''.join(current))
+        current = []
+        if len(sentences) == 300:
+          break
+  (out / 'train.conll').write_text(''.join(sentences), encoding='utf-8')
+  (out / 'validation.conll').write_text(''.join(sentences[:60]), encoding='utf-8')
+  return str(out)
+
+
+def classification_config(data_dir, **overrides):
+  config = encoder_config.get_config('tiny')
+  config.data_dir = data_dir
+  config.test_split = ''
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def tagging_config(data_dir, **overrides):
+  config = germeval.get_config('tiny')
+  config.data_dir = data_dir
+  config.test_split = ''
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def test_classifier_learns_its_training_set(sst2_dir, tmp_path):
+  # Validation = training rows: the model must fit them.
+  config = classification_config(sst2_dir, num_train_steps=150, eval_every_steps=150,
+                                 learning_rate=3e-3, dropout_rate=0.0,
+                                 attention_dropout_rate=0.0, schedule='constant',
+                                 train_split='validation')
+  train.train_and_evaluate(config, str(tmp_path))
+  log = (tmp_path / 'train.log').read_text()
+  line = next(l for l in log.splitlines() if 'step 150: train loss' in l)
+  accuracy = float(line.split('accuracy ')[1].split()[0])
+  assert accuracy >= 0.97, line
+  assert 'examples/s' in line and 'tok/s' in line and 'MFU' in line
+  assert 'precision    recall  f1-score   support' in log  # sklearn's report
+
+
+def test_classification_resume_equals_uninterrupted_run(sst2_dir, tmp_path):
+  # The 'stopped' run is a shorter run; 'rsqrt' does not depend on num_train_steps
+  # (the default 'linear' decays to 0 at the end), so both see the same learning rates.
+  overrides = dict(num_train_steps=12, checkpoint_every_steps=5, eval_every_steps=6,
+                   schedule='rsqrt')
+  full = train.train_and_evaluate(classification_config(sst2_dir, **overrides),
+                                  str(tmp_path / 'full'))
+  train.train_and_evaluate(classification_config(sst2_dir, **{**overrides,
+                                                               'num_train_steps': 7}),
+                           str(tmp_path / 'resumed'))
+  resumed = train.train_and_evaluate(classification_config(sst2_dir, **overrides),
+                                     str(tmp_path / 'resumed'))
+  for a, b in zip(jax.tree.leaves((full.params, full.opt_state)),
+                  jax.tree.leaves((resumed.params, resumed.opt_state))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _tagging_task(germeval_dir, tmp_path):
+  config = tagging_config(germeval_dir, max_length=128)
+  task = tasks.create(config, str(tmp_path), sharding.make_mesh())
+  task.setup(training=True)
+  return config, task
+
+
+def test_tagging_targets_sit_on_first_sub_tokens_only(germeval_dir, tmp_path):
+  _, task = _tagging_task(germeval_dir, tmp_path)
+  words, tags = task.train_examples
+  features = task.train_features
+  checked = 0
+  for i in range(50):
+    ids, targets = features['inputs'][i], features['targets'][i]
+    full_ids, word_index = task.tokenizer.encode_words(words[i], 1 << 30)
+    if len(full_ids) > task.config.max_length:  # Cut: its last words have no target.
+      assert len(ids) == task.config.max_length
+      continue
+    checked += 1
+    starts = np.flatnonzero(word_index >= 0)
+    assert len(starts) == len(words[i])  # Every word has a first sub-token here.
+    np.testing.assert_array_equal(targets[starts], np.asarray(tags[i]) + 1)
+    others = np.setdiff1d(np.arange(len(ids)), starts)
+    assert (targets[others] == 0).all()
+  assert checked >= 30
+  assert any(len(features['inputs'][i]) > len(words[i]) + 2 for i in range(50))  # sub-words
+
+
+def test_tagging_loss_ignores_non_first_sub_tokens_and_padding(germeval_dir, tmp_path):
+  _, task = _tagging_task(germeval_dir, tmp_path)
+  batch = next(task.train_batches(seed=0, skip=0))
+  targets = batch['targets']
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=targets.shape + (task.config.num_labels,)).astype(np.float32)
+  weights = (targets > 0).astype(np.float32)
+  loss, _ = losses.cross_entropy(jnp.asarray(logits), jnp.asarray(np.maximum(targets - 1, 0)),
+                                 jnp.asarray(weights))
+  # Brute force: the mean negative log-likelihood over the first sub-tokens alone.
+  rows, cols = np.nonzero(targets)
+  x = logits[rows, cols].astype(np.float64)
+  log_p = x - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)) - x.max(
+      -1, keepdims=True)
+  expected = -log_p[np.arange(len(rows)), targets[rows, cols] - 1].mean()
+  np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+  # Changing the logits anywhere else changes nothing.
+  noisy = logits + 100 * (targets == 0)[..., None] * rng.normal(size=logits.shape)
+  loss2, _ = losses.cross_entropy(jnp.asarray(noisy, jnp.float32),
+                                  jnp.asarray(np.maximum(targets - 1, 0)), jnp.asarray(weights))
+  np.testing.assert_allclose(float(loss2), float(loss), rtol=1e-6)
+
+
+def test_tagger_learns_its_training_set(germeval_dir, tmp_path):
+  config = tagging_config(germeval_dir, num_train_steps=300, eval_every_steps=300,
+                          learning_rate=3e-3, d_model=64, d_ff=128, num_heads=4,
+                          dropout_rate=0.0, attention_dropout_rate=0.0, schedule='constant',
+                          train_split='validation')
+  train.train_and_evaluate(config, str(tmp_path))
+  log = (tmp_path / 'train.log').read_text()
+  line = next(l for l in log.splitlines() if 'step 300: train loss' in l)
+  f1 = float(line.split(' F1 ')[1].split()[0])
+  assert f1 >= 0.9, line
+  assert 'micro avg' in log  # seqeval's per-type report
+
+
+def test_sgd_step_matches_momentum_formula():
+  config = encoder_config.get_config('tiny')
+  config.optimizer, config.momentum, config.nesterov = 'sgd', 0.9, False
+  config.weight_decay, config.max_grad_norm = 0.0, 0.0
+  config.schedule, config.warmup_steps, config.learning_rate = 'constant', 0, 0.1
+  opt = optim.make_optimizer(config)
+  params = {'kernel': jnp.array([1.0, -2.0])}
+  state = opt.init(params)
+  velocity = np.zeros(2)
+  p = np.array([1.0, -2.0])
+  for g in ([0.5, 1.0], [0.25, -1.0], [1.0, 0.0]):
+    updates, state = opt.update({'kernel': jnp.array(g)}, state, params)
+    params = jax.tree.map(lambda a, b: a + b, params, updates)
+    velocity = 0.9 * velocity + np.array(g)
+    p = p - 0.1 * velocity
+  np.testing.assert_allclose(params['kernel'], p, rtol=1e-6)
+
+
+@pytest.mark.parametrize('content, message', [
+    ('sentence\tlabel\ngood \t1\nbad \t7\n', "train.tsv:3: unknown label '7'"),
+    ('text\tlabel\ngood \t1\n', "train.tsv:1: header has no column 'sentence'"),
+    ('', 'train.tsv: empty file'),
+])
+def test_bad_classification_file_is_one_line(content, message, tmp_path):
+  data = tmp_path / 'data'
+  data.mkdir()
+  (data / 'train.tsv').write_text(content, encoding='utf-8')
+  (data / 'validation.tsv').write_text('sentence\tlabel\nok \t0\n', encoding='utf-8')
+  with pytest.raises(multi30k.DataError) as e:
+    train.train_and_evaluate(classification_config(str(data)), str(tmp_path / 'wd'))
+  assert message in str(e.value) and '\n' not in str(e.value), str(e.value)
+
+
+def test_iob_error_then_repair(tmp_path):
+  data = tmp_path / 'data'
+  data.mkdir()
+  text = 'Peter\tB-PER\tO\nin\tO\tO\nBerlin\tI-LOC\tO\n\n'
+  (data / 'train.conll').write_text(text * 20, encoding='utf-8')
+  (data / 'validation.conll').write_text(text, encoding='utf-8')
+  with pytest.raises(multi30k.DataError, match='train.conll:3:.*repair_iob') as e:
+    train.train_and_evaluate(tagging_config(str(data)), str(tmp_path / 'wd'))
+  assert '\n' not in str(e.value)
+  config = tagging_config(str(data), repair_iob=True, num_train_steps=2, eval_every_steps=2)
+  train.train_and_evaluate(config, str(tmp_path / 'wd2'))
+  assert "'iob_repairs': 20" in (tmp_path / 'wd2' / 'train.log').read_text()
+
+
+def test_labels_must_agree_with_num_labels():
+  config = germeval.get_config()
+  config.num_labels = 3
+  with pytest.raises(config_schema.ConfigError, match='config.num_labels=3: config.labels has 25'):
+    config_schema.validate(config)
+
+
+def run_main(*args, stdin=None):
+  return subprocess.run([sys.executable, '-m', 'transformer_jax.main', *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=600, input=stdin)
+
+
+@pytest.mark.parametrize('config_file, lines', [
+    ('configs/sst2.py:tiny', ['a gripping , funny movie', '', 'dull and far too long .', '  ',
+                              'i loved it']),
+    ('configs/germeval.py:tiny', ['Angela Merkel besuchte gestern Paris .', '',
+                                  'Der FC Bayern München gewann .', 'Hallo']),
+])
+def test_cli_trains_reports_and_predicts_in_order(config_file, lines, tmp_path):
+  workdir = tmp_path / 'wd'
+  proc = run_main(f'--config={config_file}', f'--workdir={workdir}',
+                  '--config.test_split=', '--config.num_train_steps=10',
+                  '--config.eval_every_steps=10')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  console = proc.stdout + proc.stderr
+  assert 'step 10: train loss' in console and 'precision' in console
+  (tmp_path / 'in.txt').write_text('\n'.join(lines) + '\n', encoding='utf-8')
+  pred = run_main(f'--config={config_file}', f'--workdir={workdir}', '--mode=predict',
+                  f'--input={tmp_path}/in.txt')
+  assert pred.returncode == 0, pred.stderr[-3000:]
+  out = pred.stdout.split('\n')
+  assert out[-1] == '' and len(out) - 1 == len(lines)
+  for line, result in zip(lines, out):
+    if config_file.startswith('configs/sst2'):
+      assert result in ('0', '1') if line.strip() else result == ''
+    else:
+      tags = result.split()
+      assert len(tags) == len(line.split())
+      assert all(t in germeval.LABELS for t in tags)
+  # Each line alone gives the same output: order and batching do not matter.
+  for line, result in (list(zip(lines, out))[i] for i in (0, 2)):
+    alone = run_main(f'--config={config_file}', f'--workdir={workdir}', '--mode=predict',
+                     stdin=line + '\n')
+    assert alone.stdout == result + '\n'
+  evaluated = run_main(f'--config={config_file}', f'--workdir={workdir}', '--mode=eval',
+                       '--split=validation')
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  assert 'validation (best-step10)' in evaluated.stdout
+  assert ('accuracy' if 'sst2' in config_file else 'micro avg') in evaluated.stdout
+
+
+def test_not_a_bert_folder_is_one_line(tmp_path):
+  proc = run_main('--config=configs/sst2.py:tiny', f'--workdir={tmp_path}/wd',
+                  f'--config.init_from=hf:{tmp_path}')
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1].startswith(f'error: {tmp_path}'), proc.stderr
+  assert 'config.json' in proc.stderr.strip().splitlines()[-1]
