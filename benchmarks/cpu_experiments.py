@@ -55,16 +55,25 @@ def step_benchmark(args) -> None:
   import resource  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from configs import mt  # pylint: disable=g-import-not-at-top
-  from transformer_jax import losses, optim, sharding, train  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from transformer_jax import losses, models, optim, sharding, train
+  from transformer_jax.tasks import translation
+  # pylint: enable=g-import-not-at-top
 
   config = mt.get_config()
   config.update(d_model=256, num_heads=8, d_ff=512, num_encoder_layers=3,
                 num_decoder_layers=3, dtype=args.dtype, dropout_rate=args.dropout,
                 attention_dropout_rate=args.dropout)
   mesh = sharding.make_mesh()
-  model, optimizer, state = train.create_state(config, 8000, mesh)
+  model = models.Transformer(models.TransformerConfig.from_config(config, 8000))
+  optimizer = optim.make_optimizer(config)
+  task = translation.TranslationTask(config, '', mesh)  # Not set up: only its init_params.
+  task.model = model
+  state = train.create_state(task, optimizer, config.seed, mesh)
+  loss_fn = functools.partial(translation.seq2seq_loss, model=model,
+                              loss_fn=losses.get_loss(config))
   step = jax.jit(functools.partial(
-      train.train_step, model=model, optimizer=optimizer, loss_fn=losses.get_loss(config),
+      train.train_step, optimizer=optimizer, loss_fn=loss_fn,
       schedule=optim.learning_rate_schedule(config), seed=0), donate_argnums=0)
   rng = np.random.default_rng(0)
   lengths = rng.integers(2, 33, size=(2, 128))  # Mean ~17 of 32: about half real.

@@ -6,7 +6,7 @@ the PyTorch reference fed the way the PyTorch translation tutorial feeds it.
 Data: the Multi30k train split from $TRANSFORMER_JAX_DATA_DIR (default
 ../shared/data/multi30k beside the repository), read with `data.load_pairs`, tokenized with
 the SentencePiece model in {workdir}/tokenizer/spm.model (trained there first if missing, by
-`train.load_or_train_tokenizer`), `data.tokenize_pairs`. Both frameworks train on these same
+`tokenizer.load_or_train`), `data.tokenize_pairs`. Both frameworks train on these same
 token ids (EOS-terminated, pairs over 64 tokens dropped).
 
 (a) Input pipeline alone: `data.Batcher(...).train(...)` called as `train._train` calls it;
@@ -15,12 +15,13 @@ token ids (EOS-terminated, pairs over 64 tokens dropped).
     computed target (and source) positions that are real tokens.
 (b) transformer_jax: configs/mt.py (model, optimizer, Batcher: packed rows when
     `pack_examples`, else length buckets; `--pack` overrides), `train.create_state` and
-    `train.train_step` jitted as `train._train` does, timing the loop that pulls a batch,
-    counts its real target tokens, puts it on the devices and dispatches the step (no
-    per-step synchronization, as in `_train`). Every batch shape (one when packing, one per
-    bucket otherwise) is compiled before timing: one batch of each shape is taken from
-    another pass of the pipeline and trained on (reported as "compile s"); a shape first
-    seen during timing would be counted and reported.
+    `train.train_step` (with the translation task's `init_params` and `seq2seq_loss`) jitted
+    as `train._train` does, timing the loop that pulls a batch, counts its real target
+    tokens, puts it on the devices and dispatches the step (no per-step synchronization, as
+    in `_train`). Every batch shape (one when packing, one per bucket otherwise) is compiled
+    before timing: one batch of each shape is taken from another pass of the pipeline and
+    trained on (reported as "compile s"); a shape first seen during timing would be counted
+    and reported.
 (c) The PyTorch reference (`benchmarks/torch_reference.py`) with the same model shape
     (d_model, heads, d_ff, layers, dropout, vocabulary of the tokenizer) and the same initial
     weights, fed as in the tutorial: `torch.utils.data.DataLoader` over the pairs, shuffled,
@@ -67,9 +68,12 @@ import numpy as np
 from configs import mt
 from transformer_jax import data
 from transformer_jax import losses
+from transformer_jax import models
 from transformer_jax import optim
 from transformer_jax import sharding
+from transformer_jax import tokenizer
 from transformer_jax import train
+from transformer_jax.tasks import translation
 from worker import huge_pages_note, jax_environ, Worker
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -106,7 +110,7 @@ def _sync(tree) -> None:
 def load_data(config, workdir: str):
   """The tokenizer and the tokenized train pairs (lists of int32 [<= 64] EOS-terminated)."""
   src, tgt = data.load_pairs(config, config.train_split, workdir)
-  sp = train.load_or_train_tokenizer(config, workdir, src + tgt)
+  sp = tokenizer.load_or_train(config, workdir, src + tgt)
   src, tgt = data.tokenize_pairs(sp, src, tgt, config)
   return sp, src, tgt
 
@@ -176,18 +180,29 @@ class TutorialLoader:
 # --- Trainers --------------------------------------------------------------------------
 
 
+def create_jax_state(config, vocab_size: int, mesh):
+  """The model, optimizer and fresh state replicated over `mesh` that a translation run of
+  `config` starts from (`translation.TranslationTask.init_params`, seed `config.seed`)."""
+  model = models.Transformer(models.TransformerConfig.from_config(config, vocab_size))
+  optimizer = optim.make_optimizer(config)
+  task = translation.TranslationTask(config, '', mesh)  # Not set up: no data, no tokenizer.
+  task.model = model
+  return model, optimizer, train.create_state(task, optimizer, config.seed, mesh)
+
+
 class JaxLoop:
   """(b): transformer_jax's training loop body, as in `train._train`."""
   name = JAX
 
   def __init__(self, config, vocab_size: int, mesh, batcher, src, tgt):
     self.config, self.mesh = config, mesh
-    self.model, optimizer, self.state = train.create_state(config, vocab_size, mesh)
+    self.model, optimizer, self.state = create_jax_state(config, vocab_size, mesh)
     self.initial_params = jax.device_get(self.state.params)  # Buffers get donated.
     replicated = sharding.replicated(mesh)
     self.step_fn = jax.jit(
-        functools.partial(train.train_step, model=self.model, optimizer=optimizer,
-                          loss_fn=losses.get_loss(config),
+        functools.partial(train.train_step, optimizer=optimizer,
+                          loss_fn=functools.partial(translation.seq2seq_loss, model=self.model,
+                                                    loss_fn=losses.get_loss(config)),
                           schedule=optim.learning_rate_schedule(config), seed=config.seed),
         in_shardings=(replicated, sharding.batch_sharding(mesh)),
         out_shardings=(replicated, replicated), donate_argnums=0)

@@ -7,7 +7,8 @@ For each model shape and dtype, each implementation in a Python process of its o
 neither framework's allocator or thread pools slow the other), on the default JAX device and
 on CUDA for torch when it is available (else the CPU):
 
-- transformer_jax: `train.create_state` and `train.train_step` jitted as `train._train` does,
+- transformer_jax: `train.create_state` and `train.train_step` (with the translation task's
+  `init_params` and `seq2seq_loss`) jitted as `train._train` does,
   from `configs/mt.py` with the shape, dtype ('bfloat16' = bfloat16 compute, float32
   parameters), a constant learning rate of 1e-3 and no warmup;
 - PyTorch eager and PyTorch `torch.compile`: `benchmarks/torch_reference.py` (the same
@@ -78,6 +79,7 @@ from transformer_jax import optim
 from transformer_jax import sharding
 from transformer_jax import train
 from transformer_jax import translate
+from transformer_jax.tasks import translation
 from transformer_jax.tokenizer import EOS_ID
 from worker import huge_pages_note, jax_environ, Worker
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -215,6 +217,16 @@ def jax_config(shape: Shape, dtype: str):
   return config
 
 
+def create_jax_state(config, vocab_size: int, mesh):
+  """The model, optimizer and fresh state replicated over `mesh` that a translation run of
+  `config` starts from (`translation.TranslationTask.init_params`, seed `config.seed`)."""
+  model = models.Transformer(models.TransformerConfig.from_config(config, vocab_size))
+  optimizer = optim.make_optimizer(config)
+  task = translation.TranslationTask(config, '', mesh)  # Not set up: no data, no tokenizer.
+  task.model = model
+  return model, optimizer, train.create_state(task, optimizer, config.seed, mesh)
+
+
 class JaxTrainer(_Timed):
   """transformer_jax's train step as `train._train` jits it, on pre-placed batches."""
   name = JAX
@@ -223,13 +235,14 @@ class JaxTrainer(_Timed):
     config = jax_config(shape, dtype)
     self.on_gpu = jax_on_gpu()
     self.mesh = sharding.make_mesh()
-    self.model, optimizer, self.state = train.create_state(config, shape.vocab_size, self.mesh)
+    self.model, optimizer, self.state = create_jax_state(config, shape.vocab_size, self.mesh)
     # A host copy of the initial weights: the state's buffers are donated to the steps.
     self.initial_params = jax.device_get(self.state.params)
     replicated = sharding.replicated(self.mesh)
     self.step_fn = jax.jit(
-        functools.partial(train.train_step, model=self.model, optimizer=optimizer,
-                          loss_fn=losses.get_loss(config),
+        functools.partial(train.train_step, optimizer=optimizer,
+                          loss_fn=functools.partial(translation.seq2seq_loss, model=self.model,
+                                                    loss_fn=losses.get_loss(config)),
                           schedule=optim.learning_rate_schedule(config), seed=config.seed),
         in_shardings=(replicated, sharding.batch_sharding(self.mesh)),
         out_shardings=(replicated, replicated), donate_argnums=0)

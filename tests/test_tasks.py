@@ -2,6 +2,7 @@
 (GermEval rows) learn, resume exactly, ignore non-first sub-tokens, and report errors in
 one line; the command line trains, evaluates and predicts with the shipped configs."""
 import gzip
+import pathlib
 import os
 import subprocess
 import sys
@@ -270,3 +271,54 @@ def test_not_a_bert_folder_is_one_line(tmp_path):
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines()[-1].startswith(f'error: {tmp_path}'), proc.stderr
   assert 'config.json' in proc.stderr.strip().splitlines()[-1]
+
+
+SEEN_SHAPES = []
+
+
+def recording_loss(logits, targets, weights):
+  """A user's loss (by import path): records the shapes it is traced with."""
+  SEEN_SHAPES.append((logits.shape, targets.shape, weights.shape, str(targets.dtype)))
+  return losses.cross_entropy(logits, targets, weights)
+
+
+@pytest.mark.parametrize('task', ['classification', 'tagging'])
+def test_custom_loss_by_import_path_gets_the_documented_shapes(task, sst2_dir, germeval_dir,
+                                                                tmp_path):
+  SEEN_SHAPES.clear()
+  make = classification_config if task == 'classification' else tagging_config
+  config = make(sst2_dir if task == 'classification' else germeval_dir,
+                loss='tests.test_tasks:recording_loss', num_train_steps=2, eval_every_steps=2)
+  train.train_and_evaluate(config, str(tmp_path))
+  assert SEEN_SHAPES
+  for logits, targets, weights, dtype in SEEN_SHAPES:
+    if task == 'classification':  # [B, C], [B], [B]
+      assert len(logits) == 2 and logits[1] == 2 and targets == weights == logits[:1]
+    else:  # [B, S, C], [B, S], [B, S]
+      assert len(logits) == 3 and logits[2] == 25 and targets == weights == logits[:2]
+    assert dtype == 'int32'
+
+
+def test_regression_with_mse_fits_its_training_set(tmp_path, sst2_dir):
+  data = tmp_path / 'data'
+  data.mkdir()
+  rows = (pathlib.Path(sst2_dir) / 'validation.tsv').read_text(encoding='utf-8').splitlines()
+  # A score per sentence: 1.5 for positive, -0.5 for negative rows.
+  scored = ['sentence\tscore'] + [f"{r.split(chr(9))[0]}\t{1.5 if r.endswith('1') else -0.5}"
+                                  for r in rows[1:]]
+  (data / 'train.tsv').write_text('\n'.join(scored) + '\n', encoding='utf-8')
+  (data / 'validation.tsv').write_text('\n'.join(scored) + '\n', encoding='utf-8')
+  config = classification_config(str(data), num_labels=1, labels=(), loss='mse',
+                                 label_column='score', num_train_steps=150,
+                                 eval_every_steps=150, learning_rate=3e-3, dropout_rate=0.0,
+                                 attention_dropout_rate=0.0, schedule='constant')
+  train.train_and_evaluate(config, str(tmp_path / 'wd'))
+  log = (tmp_path / 'wd' / 'train.log').read_text()
+  line = next(l for l in log.splitlines() if 'step 150: train loss' in l)
+  mse, pearson = float(line.split('eval mse ')[1].split()[0]), float(
+      line.split('pearson ')[1].split()[0])
+  assert mse < 0.1 and pearson > 0.95, line
+  with pytest.raises(config_schema.ConfigError, match="config.loss='cross_entropy'"):
+    train.train_and_evaluate(classification_config(str(data), num_labels=1, labels=(),
+                                                   label_column='score'),
+                             str(tmp_path / 'wd2'))
