@@ -56,7 +56,7 @@ def step_benchmark(args) -> None:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from configs import mt  # pylint: disable=g-import-not-at-top
   # pylint: disable=g-import-not-at-top
-  from transformer_jax import losses, models, optim, sharding, train
+  from transformer_jax import losses, optim, sharding, train
   from transformer_jax.tasks import translation
   # pylint: enable=g-import-not-at-top
 
@@ -65,11 +65,7 @@ def step_benchmark(args) -> None:
                 num_decoder_layers=3, dtype=args.dtype, dropout_rate=args.dropout,
                 attention_dropout_rate=args.dropout)
   mesh = sharding.make_mesh()
-  model = models.Transformer(models.TransformerConfig.from_config(config, 8000))
-  optimizer = optim.make_optimizer(config)
-  task = translation.TranslationTask(config, '', mesh)  # Not set up: only its init_params.
-  task.model = model
-  state = train.create_state(task, optimizer, config.seed, mesh)
+  model, optimizer, state = translation.create_model_and_state(config, 8000, mesh)
   loss_fn = functools.partial(translation.seq2seq_loss, model=model,
                               loss_fn=losses.get_loss(config))
   step = jax.jit(functools.partial(

@@ -68,7 +68,6 @@ import numpy as np
 from configs import mt
 from transformer_jax import data
 from transformer_jax import losses
-from transformer_jax import models
 from transformer_jax import optim
 from transformer_jax import sharding
 from transformer_jax import tokenizer
@@ -180,23 +179,14 @@ class TutorialLoader:
 # --- Trainers --------------------------------------------------------------------------
 
 
-def create_jax_state(config, vocab_size: int, mesh):
-  """The model, optimizer and fresh state replicated over `mesh` that a translation run of
-  `config` starts from (`translation.TranslationTask.init_params`, seed `config.seed`)."""
-  model = models.Transformer(models.TransformerConfig.from_config(config, vocab_size))
-  optimizer = optim.make_optimizer(config)
-  task = translation.TranslationTask(config, '', mesh)  # Not set up: no data, no tokenizer.
-  task.model = model
-  return model, optimizer, train.create_state(task, optimizer, config.seed, mesh)
-
-
 class JaxLoop:
   """(b): transformer_jax's training loop body, as in `train._train`."""
   name = JAX
 
   def __init__(self, config, vocab_size: int, mesh, batcher, src, tgt):
     self.config, self.mesh = config, mesh
-    self.model, optimizer, self.state = create_jax_state(config, vocab_size, mesh)
+    self.model, optimizer, self.state = translation.create_model_and_state(
+        config, vocab_size, mesh)
     self.initial_params = jax.device_get(self.state.params)  # Buffers get donated.
     replicated = sharding.replicated(mesh)
     self.step_fn = jax.jit(

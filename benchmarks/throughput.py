@@ -217,16 +217,6 @@ def jax_config(shape: Shape, dtype: str):
   return config
 
 
-def create_jax_state(config, vocab_size: int, mesh):
-  """The model, optimizer and fresh state replicated over `mesh` that a translation run of
-  `config` starts from (`translation.TranslationTask.init_params`, seed `config.seed`)."""
-  model = models.Transformer(models.TransformerConfig.from_config(config, vocab_size))
-  optimizer = optim.make_optimizer(config)
-  task = translation.TranslationTask(config, '', mesh)  # Not set up: no data, no tokenizer.
-  task.model = model
-  return model, optimizer, train.create_state(task, optimizer, config.seed, mesh)
-
-
 class JaxTrainer(_Timed):
   """transformer_jax's train step as `train._train` jits it, on pre-placed batches."""
   name = JAX
@@ -235,7 +225,8 @@ class JaxTrainer(_Timed):
     config = jax_config(shape, dtype)
     self.on_gpu = jax_on_gpu()
     self.mesh = sharding.make_mesh()
-    self.model, optimizer, self.state = create_jax_state(config, shape.vocab_size, self.mesh)
+    self.model, optimizer, self.state = translation.create_model_and_state(
+        config, shape.vocab_size, self.mesh)
     # A host copy of the initial weights: the state's buffers are donated to the steps.
     self.initial_params = jax.device_get(self.state.params)
     replicated = sharding.replicated(self.mesh)

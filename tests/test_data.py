@@ -46,7 +46,8 @@ def test_train_pipeline_is_deterministic_and_skip_resumes_it():
   src, tgt = _fake_pairs(300, seed=1)
   batcher = data.Batcher(32, 256, 2.0, num_devices=1)
   run = lambda skip: [b['targets'] for b in batcher.train(
-      {'inputs': src, 'targets': tgt}, seed=7, shuffle_buffer_size=1000, skip=skip).take(30).as_numpy_iterator()]
+      {'inputs': src, 'targets': tgt}, seed=7, shuffle_buffer_size=1000,
+      skip=skip).take(30).as_numpy_iterator()]
   full, again, resumed = run(0), run(0), run(12)
   assert len(full) == 30
   for a, b in zip(full, again):

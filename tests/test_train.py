@@ -45,7 +45,8 @@ def test_tiny_model_overfits_32_pairs(tiny_text_dir, tmp_path):
 
 
 def _eval(config, state, workdir):
-  from transformer_jax import data, models, sharding, tokenizer  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from transformer_jax import data, models, sharding, tokenizer
   from transformer_jax.tasks import translation  # pylint: disable=g-import-not-at-top
   import functools  # pylint: disable=g-import-not-at-top
   sp = tokenizer.load(os.path.join(workdir, 'tokenizer', 'spm.model'))

@@ -10,7 +10,7 @@ import pytest
 import sacrebleu
 
 from tests.conftest import REPO, tiny_config
-from transformer_jax import evaluation, scoring, sharding, train, translate
+from transformer_jax import evaluation, scoring, sharding, train
 from transformer_jax.tokenizer import EOS_ID
 
 

@@ -154,7 +154,10 @@ def validate(config) -> None:
   schema = {**SCHEMA, **task_schema(config.task)}
   for name in config.keys():
     if name not in schema:
-      raise ConfigError(f'config.{name}: unknown field for task {config.task!r}')
+      owners = [task for task, fields in TASK_SCHEMAS.items() if name in fields]
+      hint = (f' (a field of task {" and ".join(owners)}: is config.task right, or the config '
+              'file?)' if owners else '')
+      raise ConfigError(f'config.{name}: unknown field for task {config.task!r}{hint}')
   for name, (kind, (ok, requirement)) in schema.items():
     if name not in config:
       raise ConfigError(f'config.{name}: missing field')
@@ -175,8 +178,8 @@ def validate(config) -> None:
     raise ConfigError(f'config.num_labels={config.num_labels}: config.labels has '
                       f'{len(config.labels)} labels')
   if 'labels' in schema and config.labels and config.labels_file:
-    raise ConfigError(f'config.labels_file={config.labels_file!r}: give config.labels or '
-                      'config.labels_file, not both')
+    raise ConfigError(f'config.labels_file={config.labels_file!r}: config.labels is set too '
+                      f'({tuple(config.labels)!r}); pass --config.labels="()" to use the file')
 
 
 # Fields that fix the shapes of the parameters: eval/translate must use the trained values.
@@ -207,9 +210,24 @@ def load_model_config(workdir: str) -> dict:
 
 
 def check_model_config(config, workdir: str) -> None:
-  """Raises ConfigError naming the first model field that differs from the one the
-  checkpoints in `workdir` were trained with (nothing to check if it has no record)."""
+  """Raises ConfigError naming the first field that differs from the one the checkpoints in
+  `workdir` were trained with: the task, then its labels and pooling, then the model's
+  shape (nothing to check if the workdir has no record)."""
   trained = load_model_config(workdir)
+  if not trained:
+    return
+  task = trained.get('task', 'translation')
+  if config.task != task:
+    raise ConfigError(f'config.task={config.task!r}, but {workdir} holds a {task!r} model: '
+                      'pass the config file it was trained with')
+  if 'labels' in trained and 'labels' in config and not config.labels_file and (
+      list(config.labels) != trained['labels']):
+    raise ConfigError(f'config.labels={tuple(config.labels)!r}, but the model in {workdir} '
+                      f'was trained with {tuple(trained["labels"])!r}')
+  if 'pooling' in trained and 'pooling' in config and config.pooling != trained['pooling']:
+    raise ConfigError(f'config.pooling={config.pooling!r}, but the model in {workdir} was '
+                      f'trained with {trained["pooling"]!r}: pass --config.pooling='
+                      f'{trained["pooling"]}')
   for name in MODEL_FIELDS:
     if name in trained and name in config and config[name] != trained[name]:
       raise ConfigError(f'config.{name}={config[name]!r}, but the model in {workdir} was '

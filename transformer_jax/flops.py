@@ -14,8 +14,8 @@ F d_ff, V vocab, per layer:
   logits     2BTDV once
 
 Encoder-only models (classification, tagging) count the encoder layers and the head
-(`encoder_forward_flops`). A training step costs 3x the forward pass (the backward pass is two matmuls per forward
-matmul). MFU = achieved FLOP/s / peak FLOP/s of the devices.
+(`encoder_forward_flops`). A training step costs 3x the forward pass (the backward pass is
+two matmuls per forward matmul). MFU = achieved FLOP/s / peak FLOP/s of the devices.
 """
 from __future__ import annotations
 

@@ -117,7 +117,8 @@ def get_loss(config) -> LossFn:
     return mse
   module_name, sep, attr = name.partition(':')
   if not sep or not module_name or not attr:
-    raise ConfigError(f"config.loss={name!r}: use 'cross_entropy', 'mse' or 'package.module:function'")
+    raise ConfigError(f"config.loss={name!r}: use 'cross_entropy', 'mse' or "
+                      "'package.module:function'")
   try:
     return getattr(importlib.import_module(module_name), attr)
   except (ImportError, AttributeError) as e:

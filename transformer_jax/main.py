@@ -42,6 +42,9 @@ flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'],
                   'latest.')
 
 
+SHARED_DATA_ENV = 'TRANSFORMER_JAX_SHARED_DATA'  # As configs/encoder.py reads it.
+
+
 def default_workdir(config) -> str:
   """runs/<dataset>_<src>-<tgt> for translation, else runs/<config file name>, relative to
   the current folder."""
@@ -82,9 +85,11 @@ def main(argv):
     sys.exit(f'error: --workdir={workdir}: no such folder (train a model there first)')
   if FLAGS.mode == 'translate' and config.task != 'translation':
     sys.exit(f'error: --mode=translate: the task is {config.task!r}; use --mode=predict')
-  if config.get('dataset_name', 'text') in ('multi30k', 'text') and config.data_dir and not os.path.isdir(
-      config.data_dir):
-    sys.exit(f'error: config.data_dir={config.data_dir!r}: no such folder')
+  if (config.get('dataset_name', 'text') in ('multi30k', 'text') and config.data_dir
+      and not os.path.isdir(config.data_dir)):
+    hint = (f' (or set ${SHARED_DATA_ENV} to the folder holding sst2/ and germeval2014/)'
+            if config.task != 'translation' else '')
+    sys.exit(f'error: config.data_dir={config.data_dir!r}: no such folder{hint}')
   print(f'workdir: {os.path.abspath(workdir)}', file=sys.stderr)
   if FLAGS.input and not os.path.isfile(FLAGS.input):
     sys.exit(f'error: --input={FLAGS.input}: no such file')

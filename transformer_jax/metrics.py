@@ -16,6 +16,13 @@ from seqeval.scheme import IOB2, Entities
 from sklearn import metrics as sk_metrics
 
 
+def _check_pairs(y_true: list, y_pred: list) -> None:
+  if len(y_true) != len(y_pred):
+    raise ValueError(f"y_true has {len(y_true)} items, y_pred {len(y_pred)}")
+  if not y_true:
+    raise ValueError("no examples (y_true is empty)")
+
+
 def classification_report(
     y_true: list[int], y_pred: list[int], label_names: list[str]
 ) -> tuple[dict, str]:
@@ -37,10 +44,7 @@ def classification_report(
   Raises:
     ValueError: the lists are empty or differ in length.
   """
-  if len(y_true) != len(y_pred):
-    raise ValueError(f"y_true has {len(y_true)} items, y_pred {len(y_pred)}")
-  if not y_true:
-    raise ValueError("no examples (y_true is empty)")
+  _check_pairs(y_true, y_pred)
   labels = list(range(len(label_names)))
   scalars = {
       "accuracy": float(sk_metrics.accuracy_score(y_true, y_pred)),
@@ -79,10 +83,7 @@ def regression_report(y_true: list[float], y_pred: list[float]) -> tuple[dict, s
   Raises:
     ValueError: the lists are empty or differ in length.
   """
-  if len(y_true) != len(y_pred):
-    raise ValueError(f"y_true has {len(y_true)} items, y_pred {len(y_pred)}")
-  if not y_true:
-    raise ValueError("no examples (y_true is empty)")
+  _check_pairs(y_true, y_pred)
   y_true, y_pred = [float(v) for v in y_true], [float(v) for v in y_pred]
   scalars = {
       "mse": float(sk_metrics.mean_squared_error(y_true, y_pred)),

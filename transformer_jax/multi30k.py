@@ -74,8 +74,9 @@ def find_file(data_dir: str, prefix: str, lang: str) -> str:
   raise DataError(f"no such file: tried {candidates[0]} and {candidates[1]}")
 
 
-def _read_lines(path: str) -> Iterator[tuple[int, str]]:
-  """Yields (1-based line number, stripped line) from a text or .gz file."""
+def _read_lines(path: str, strip: bool = True) -> Iterator[tuple[int, str]]:
+  """Yields (1-based line number, line) from a text or .gz file: stripped of surrounding
+  whitespace, or with `strip=False` only of its line break (TSV rows keep empty fields)."""
   opener = gzip.open if path.endswith(".gz") else open
   try:
     f = opener(path, "rb")
@@ -91,7 +92,7 @@ def _read_lines(path: str) -> Iterator[tuple[int, str]]:
           line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
           raise DataError(f"{path}:{lineno}: invalid UTF-8 ({e})") from e
-        yield lineno, line.strip()
+        yield lineno, line.strip() if strip else line.rstrip('\r\n')
     except (OSError, EOFError) as e:  # e.g. a corrupt or truncated gzip file
       raise DataError(f"{path}:{lineno + 1}: cannot read ({e})") from e
 

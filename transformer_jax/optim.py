@@ -26,7 +26,8 @@ def learning_rate_schedule(config) -> optax.Schedule:
   elif config.schedule == 'constant':
     decay_fn = optax.constant_schedule(peak)
   else:
-    raise ValueError(f"config.schedule={config.schedule!r}: use 'rsqrt', 'cosine', 'linear' or 'constant'")
+    raise ValueError(f"config.schedule={config.schedule!r}: use 'rsqrt', 'cosine', 'linear' "
+                     "or 'constant'")
   return optax.join_schedules([warmup_fn, decay_fn], [warmup])
 
 

@@ -6,10 +6,6 @@ Files ending in `.gz` are read as gzip, others as plain text, always as strict U
 input raises `multi30k.DataError` with a one-line message `path:line: what is wrong` (1-based
 line numbers; `path: ...` where no line applies).
 """
-
-import gzip
-from collections.abc import Iterator
-
 from absl import logging
 
 from transformer_jax.multi30k import DataError, _read_lines
@@ -23,33 +19,6 @@ GERMEVAL_TYPES = (
 # The 25 GermEval 2014 IOB2 labels: 'O', then B-/I- per type in GERMEVAL_TYPES order. Build
 # the label list from this, not from the training data (train has no I-ORGderiv).
 GERMEVAL_LABELS: list[str] = ["O"] + [f"{p}-{t}" for t in GERMEVAL_TYPES for p in ("B", "I")]
-
-
-def _read_raw_lines(path: str) -> Iterator[tuple[int, str]]:
-  """Yields (1-based line number, line without its line break) from a text or .gz file.
-
-  Unlike `multi30k._read_lines` the line keeps its other whitespace, so that leading or
-  trailing empty TSV fields (`\\t1`: empty text, label 1) are not lost. Errors are raised
-  exactly as there: missing file, unreadable file, invalid UTF-8 (`path:line: invalid UTF-8`).
-  """
-  opener = gzip.open if path.endswith(".gz") else open
-  try:
-    f = opener(path, "rb")
-  except FileNotFoundError:
-    raise DataError(f"{path}: no such file") from None
-  except OSError as e:
-    raise DataError(f"{path}: cannot open ({e})") from e
-  with f:
-    lineno = 0
-    try:
-      for lineno, raw in enumerate(f, start=1):
-        try:
-          line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-          raise DataError(f"{path}:{lineno}: invalid UTF-8 ({e})") from e
-        yield lineno, line.rstrip("\r\n")
-    except (OSError, EOFError) as e:  # e.g. a corrupt or truncated gzip file
-      raise DataError(f"{path}:{lineno + 1}: cannot read ({e})") from e
 
 
 def _check_unique(labels: list[str], name: str) -> None:
@@ -90,7 +59,7 @@ def read_tsv(
   if labels is not None:
     _check_unique(list(labels), "labels")
     label_index = {label: i for i, label in enumerate(labels)}
-  lines = _read_raw_lines(path)
+  lines = _read_lines(path, strip=False)
   header_line = next(lines, None)
   if header_line is None:
     raise DataError(f"{path}: empty file (no header line)")

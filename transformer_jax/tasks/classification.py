@@ -98,22 +98,12 @@ class ClassificationTask(encoder.EncoderTask):
     scalars['loss'] = float(-encoder.log_softmax(logits)[np.arange(len(gold)), gold].mean())
     return scalars, report
 
-  def evaluate(self, params, step, last):
-    scalars, report = self._score(params, self.eval_examples, self.config.eval_split)
-    return scalars, f'{self.config.eval_split} at step {step}:\n{report}'
-
   def format_eval(self, scalars):
     if self.regression:
       return (f"eval mse {scalars['mse']:.4f} pearson {scalars['pearson']:.4f} "
               f"spearman {scalars['spearman']:.4f}")
     return (f"eval loss {scalars['loss']:.4f} accuracy {scalars['accuracy']:.4f} "
             f"macro-F1 {scalars['macro_f1']:.4f}")
-
-  def test(self, params, split, name):
-    examples = (self.test_examples if getattr(self, 'test_examples', None) is not None
-                and split == self.config.test_split else self._read(split))
-    scalars, report = self._score(params, examples, split)
-    return scalars, f'{split} ({name}): {self.format_eval(scalars)}\n{report}'
 
   def predict(self, params, lines):
     todo = [i for i, line in enumerate(lines) if line.strip()]

@@ -69,6 +69,7 @@ class EncoderTask(base.Task):
   def setup(self, training: bool) -> None:
     cfg, workdir = self.config, self.workdir
     self.hf_folder = cfg.init_from[len(HF_PREFIX):] if cfg.init_from else ''
+    config_schema.check_model_config(cfg, workdir)  # A rerun must continue the same model.
     if training:
       self.labels = self._labels_from_config()
       self.train_examples = self._read(cfg.train_split)
@@ -78,10 +79,9 @@ class EncoderTask(base.Task):
       config_schema.save_model_config(
           cfg, self.tokenizer.vocab_size, workdir,
           fields=() if self.hf_folder else config_schema.MODEL_FIELDS,
-          extra={'task': cfg.task, 'labels': list(self.labels),
+          extra={'task': cfg.task, 'labels': list(self.labels), 'pooling': cfg.pooling,
                  'architecture': architecture_to_json(architecture)})
     else:
-      config_schema.check_model_config(cfg, workdir)
       record = config_schema.load_model_config(workdir)
       if 'architecture' not in record:
         raise FileNotFoundError(f'{workdir}/model_config.json: missing or not written by a '
@@ -104,7 +104,10 @@ class EncoderTask(base.Task):
     cfg = self.config
     labels = list(cfg.labels)
     if cfg.labels_file:
-      labels = readers.read_labels_file(cfg.labels_file)
+      try:
+        labels = readers.read_labels_file(cfg.labels_file)
+      except multi30k.DataError as e:
+        raise config_schema.ConfigError(f'config.labels_file: {e}') from None
       if len(labels) != cfg.num_labels:
         raise config_schema.ConfigError(
             f'config.num_labels={cfg.num_labels}: {cfg.labels_file} has {len(labels)} labels')
@@ -157,9 +160,12 @@ class EncoderTask(base.Task):
         raise hf_import.HFImportError(f'{self.hf_folder}: {name} does not fit the model')
       flat[name] = jnp.asarray(value, flat[name].dtype)
     kept = sorted(set(flat) - set(loaded))
+    key_biases = [name for name in unused if name.endswith('attention.self.key.bias')]
+    unused = [name for name in unused if name not in key_biases]
     logging.info('Imported %d tensors from %s; initialized: %s; unused from the checkpoint: '
-                 '%s', len(loaded), self.hf_folder, ', '.join(kept) or 'none',
-                 ', '.join(unused) or 'none')
+                 '%s; %d attention key biases dropped (they add the same value to every '
+                 'logit of a query, which softmax ignores)', len(loaded), self.hf_folder,
+                 ', '.join(kept) or 'none', ', '.join(unused) or 'none', len(key_biases))
     return flax.traverse_util.unflatten_dict(flat, sep='/')
 
   def describe(self) -> str:
@@ -193,7 +199,22 @@ class EncoderTask(base.Task):
             'positions': rows * length,
             'flops': 3 * self._forward_flops(rows, length)}
 
+  # --- Evaluation -------------------------------------------------------------------
+  def evaluate(self, params, step, last):
+    scalars, report = self._score(params, self.eval_examples, self.config.eval_split)
+    return scalars, f'{self.config.eval_split} at step {step}:\n{report}'
+
+  def test(self, params, split, name):
+    examples = (self.test_examples if getattr(self, 'test_examples', None) is not None
+                and split == self.config.test_split else self._read(split))
+    scalars, report = self._score(params, examples, split)
+    return scalars, f'{split} ({name}): {self.format_eval(scalars)}\n{report}'
+
   # --- For subclasses ---------------------------------------------------------------
+  def _score(self, params, examples, split: str) -> tuple[dict, str]:
+    """Scalars and the report of `params` on `examples` (as `_read` returns them)."""
+    raise NotImplementedError
+
   def _read(self, split: str):
     raise NotImplementedError
 

@@ -11,6 +11,9 @@ label index at each word's first sub-token and 0 elsewhere (other sub-tokens, [C
 Loss: `config.loss` with logits float32 [B, S, C], targets int32 [B, S] (label indices),
 weights float32 [B, S] = 1 at first sub-tokens, 0 elsewhere: the other sub-tokens and
 padding never count.
+Decoding: the most probable tag sequence that is valid IOB2 (no I-X after O or after
+another type; Viterbi over the words' label log-probabilities), so every predicted
+entity counts in strict evaluation.
 Evaluation: entity-level precision, recall and F1 with seqeval (strict IOB2) and its
 per-type report; the best checkpoint has the highest F1. Words cut off by `max_length`
 are predicted 'O' (counted in the log), so every gold entity counts.
@@ -28,6 +31,40 @@ from transformer_jax import metrics
 from transformer_jax import models
 from transformer_jax import readers
 from transformer_jax.tasks import encoder
+
+
+def iob2_allowed(labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
+  """IOB2 constraints over `labels`: (start bool [C], transition bool [C, C]). A sentence
+  may start with O or B-X; after O or any tag, I-X may follow only B-X or I-X."""
+  def inside_of(label):
+    return label[2:] if label.startswith('I-') else None
+  start = np.array([inside_of(label) is None for label in labels])
+  transition = np.ones((len(labels), len(labels)), bool)
+  for j, label in enumerate(labels):
+    kind = inside_of(label)
+    if kind is not None:
+      transition[:, j] = [prev in (f'B-{kind}', f'I-{kind}') for prev in labels]
+  return start, transition
+
+
+def constrained_decode(log_probs: np.ndarray, start: np.ndarray,
+                       transition: np.ndarray) -> np.ndarray:
+  """The highest-scoring label sequence that satisfies the constraints (Viterbi):
+  argmax over allowed y of sum_i log_probs[i, y_i]. float [n, C] -> int [n]."""
+  n = len(log_probs)
+  if n == 0:
+    return np.zeros(0, np.int64)
+  penalty = np.where(transition, 0.0, -np.inf)  # [C_prev, C]
+  score = np.where(start, log_probs[0], -np.inf)
+  back = np.zeros((n, log_probs.shape[1]), np.int64)
+  for i in range(1, n):
+    candidates = score[:, None] + penalty  # [C_prev, C]
+    back[i] = candidates.argmax(0)
+    score = candidates.max(0) + log_probs[i]
+  path = [int(score.argmax())]
+  for i in range(n - 1, 0, -1):
+    path.append(int(back[i, path[-1]]))
+  return np.asarray(path[::-1])
 
 
 class TaggingTask(encoder.EncoderTask):
@@ -84,19 +121,23 @@ class TaggingTask(encoder.EncoderTask):
     return self._loss_fn(logits, jnp.maximum(targets - 1, 0), weights)
 
   def _tag(self, params, sentences: list[list[str]], split: str) -> list[list[str]]:
-    """Predicted tags, one per word of each sentence (words cut off: 'O')."""
+    """Predicted tags, one per word of each sentence: the most probable valid IOB2
+    sequence over the words' first sub-tokens (`constrained_decode`); words cut off by
+    max_length are 'O'."""
     ids, word_index, _ = self._encode(sentences, split, training=False)
     features = {'inputs': ids, 'index': np.arange(1, len(ids) + 1, dtype=np.int32)}
     predicted = [['O'] * len(words) for words in sentences]
+    start, transition = iob2_allowed(list(self.labels))
     for batch in self._eval_batches(features):
-      labels = self._logits(params, batch).argmax(-1)  # [B, S]
+      log_probs = encoder.log_softmax(self._logits(params, batch))  # [B, S, C]
       for row, index in enumerate(batch['index']):
         if index == 0:
           continue
         starts = word_index[index - 1]
         positions = np.flatnonzero(starts >= 0)
-        for position in positions:
-          predicted[index - 1][starts[position]] = self.labels[int(labels[row, position])]
+        best = constrained_decode(log_probs[row, positions], start, transition)
+        for position, label in zip(positions, best):
+          predicted[index - 1][starts[position]] = self.labels[int(label)]
     cut = sum(len(words) - int((w >= 0).sum()) for words, w in zip(sentences, word_index))
     if cut:
       logging.info('%s: %d words beyond max_length=%d sub-tokens were tagged O', split, cut,
@@ -108,19 +149,9 @@ class TaggingTask(encoder.EncoderTask):
     gold = [[self.labels[t] for t in sentence] for sentence in tags]
     return metrics.entity_report(gold, self._tag(params, words, split))
 
-  def evaluate(self, params, step, last):
-    scalars, report = self._score(params, self.eval_examples, self.config.eval_split)
-    return scalars, f'{self.config.eval_split} at step {step}:\n{report}'
-
   def format_eval(self, scalars):
     return (f"eval precision {scalars['precision']:.4f} recall {scalars['recall']:.4f} "
             f"F1 {scalars['f1']:.4f} token acc {scalars['token_accuracy']:.4f}")
-
-  def test(self, params, split, name):
-    examples = (self.test_examples if getattr(self, 'test_examples', None) is not None
-                and split == self.config.test_split else self._read(split))
-    scalars, report = self._score(params, examples, split)
-    return scalars, f'{split} ({name}): {self.format_eval(scalars)}\n{report}'
 
   def predict(self, params, lines):
     sentences = [line.split() for line in lines]

@@ -82,6 +82,17 @@ def score_split(translator: translate.Translator, sources: list[str], references
   return result
 
 
+def create_model_and_state(config, vocab_size: int, mesh):
+  """The model, optimizer and fresh train state (replicated over `mesh`, seed
+  `config.seed`) that a translation run of `config` with `vocab_size` tokens starts from,
+  without data or tokenizer (benchmarks, tests)."""
+  from transformer_jax import optim, train  # pylint: disable=g-import-not-at-top (cycle)
+  task = TranslationTask(config, '', mesh)  # Not set up: no data, no tokenizer.
+  task.model = models.Transformer(models.TransformerConfig.from_config(config, vocab_size))
+  optimizer = optim.make_optimizer(config)
+  return task.model, optimizer, train.create_state(task, optimizer, config.seed, mesh)
+
+
 class TranslationTask(base.Task):
   """Sentence-pair translation (see the module docstring)."""
   FIELDS = config_schema.TRANSLATION_SCHEMA
@@ -91,6 +102,7 @@ class TranslationTask(base.Task):
 
   def setup(self, training: bool) -> None:
     cfg, workdir = self.config, self.workdir
+    config_schema.check_model_config(cfg, workdir)  # A rerun must continue the same model.
     if training:
       train_src, train_tgt = data.load_pairs(cfg, cfg.train_split, workdir)
       self.eval_text = data.load_pairs(cfg, cfg.eval_split, workdir)
@@ -101,7 +113,6 @@ class TranslationTask(base.Task):
       self.train_src, self.train_tgt = data.tokenize_pairs(self.sp, train_src, train_tgt, cfg)
       eval_src, eval_tgt = data.tokenize_pairs(self.sp, *self.eval_text, cfg)
     else:
-      config_schema.check_model_config(cfg, workdir)
       spm_path = os.path.join(workdir, 'tokenizer', 'spm.model')
       if not os.path.exists(spm_path):
         raise FileNotFoundError(f'{spm_path}: no tokenizer; is {workdir} a training workdir?')
@@ -176,9 +187,10 @@ class TranslationTask(base.Task):
     self.translator.params = params
     result = score_split(self.translator, *text, self.workdir, f'{split}-{name}')
     cfg = self.config
-    beam = f' beam {cfg.beam_size}' if cfg.decoding == 'beam' else ''
-    report = (f'{split} ({name}, {cfg.decoding}{beam}):\n' + scoring.report(result)
-              + f"\nhypotheses: {os.path.join(self.workdir, 'translations', f'{split}-{name}.txt')}")
+    decoding = f'beam {cfg.beam_size}' if cfg.decoding == 'beam' else cfg.decoding
+    report = (f'{split} ({name}, {decoding}):\n' + scoring.report(result)
+              + '\nhypotheses: '
+              + os.path.join(self.workdir, 'translations', f'{split}-{name}.txt'))
     return {k: v for k, v in result.items() if isinstance(v, float)}, report
 
   def predict(self, params, lines):
