@@ -24,8 +24,9 @@ def get_config(variant: str = ''):
   c.max_tokens_per_batch = 4096
   c.vocab_size = 8000
   c.learning_rate = 1e-3
-  c.num_train_steps = 3000
-  c.eval_every_steps = 300
+  c.warmup_steps = 200
+  c.num_train_steps = 2000
+  c.eval_every_steps = 250
   if variant == 'tiny':
     encoder.tiny(c)
     c.max_length = 64
