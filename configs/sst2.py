@@ -32,6 +32,7 @@ def get_config(variant: str = ''):
   c.d_model, c.num_heads, c.d_ff, c.num_encoder_layers = 384, 12, 1536, 6
   if variant == 'tiny':
     c.max_length = 32
+    c.length_bucket_step = 4.0  # Buckets 8 and 32: two compiled shapes.
     c.max_tokens_per_batch = 256
     c.num_train_steps = 20
     c.warmup_steps = 5
