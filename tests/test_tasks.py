@@ -54,22 +54,19 @@ def germeval_dir(tmp_path_factory):
   return str(out)
 
 
-def classification_config(data_dir, **overrides):
-  config = encoder_config.get_config('tiny')
-  config.data_dir = data_dir
-  config.test_split = ''
-  for key, value in overrides.items():
-    config[key] = value
+def _tiny(config_module, data_dir, **overrides):
+  """`config_module`'s tiny config on `data_dir`, without a test split, with overrides."""
+  config = config_module.get_config('tiny')
+  config.update(data_dir=data_dir, test_split='', **overrides)
   return config
+
+
+def classification_config(data_dir, **overrides):
+  return _tiny(encoder_config, data_dir, **overrides)
 
 
 def tagging_config(data_dir, **overrides):
-  config = germeval.get_config('tiny')
-  config.data_dir = data_dir
-  config.test_split = ''
-  for key, value in overrides.items():
-    config[key] = value
-  return config
+  return _tiny(germeval, data_dir, **overrides)
 
 
 def test_classifier_learns_its_training_set(sst2_dir, tmp_path):
