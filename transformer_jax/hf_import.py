@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from transformer_jax.tokenizer import PAD_ID
+from transformer_jax.tokenizer import PAD_ID, join_words
 
 CONFIG_FILE = 'config.json'
 WEIGHTS_FILE = 'model.safetensors'
@@ -379,11 +379,7 @@ class WordPieceTokenizer:
       encoding = self._tokenizer.encode(words, is_pretokenized=True, add_special_tokens=False)
       for piece, word in zip(encoding.ids, encoding.word_ids):
         per_word[word].append(piece)
-    pieces, starts = [], []
-    for j, word_pieces in enumerate(per_word):
-      word_pieces = word_pieces or [self.unk_id]
-      starts.extend([j] + [-1] * (len(word_pieces) - 1))
-      pieces.extend(word_pieces)
+    pieces, starts = join_words(per_word, self.unk_id)
     ids = self._wrap(pieces, max_length)
     word_index = [-1] + starts[:len(ids) - 2] + [-1]
     return np.asarray(ids, np.int32), np.asarray(word_index, np.int32)

@@ -86,6 +86,18 @@ def load_or_train(config, workdir: str, sentences: list[str]) -> spm.SentencePie
                config.spm_character_coverage)
 
 
+def join_words(per_word: list[list[int]], unk_id: int) -> tuple[list[int], list[int]]:
+  """Concatenates the pieces of each word -> (pieces, starts): starts[i] = j where piece i
+  is the first piece of word j, else -1. A word without pieces gets one `unk_id`, so every
+  word has a first piece. Shared by both tokenizers' `encode_words`."""
+  pieces, starts = [], []
+  for j, word_pieces in enumerate(per_word):
+    word_pieces = word_pieces or [unk_id]
+    starts.extend([j] + [-1] * (len(word_pieces) - 1))
+    pieces.extend(word_pieces)
+  return pieces, starts
+
+
 class SentencePieceTokenizer:
   """A SentencePiece model with the interface the encoder tasks use (the same as
   `hf_import.WordPieceTokenizer`): each text becomes `BOS pieces EOS`, BOS playing the
@@ -116,11 +128,7 @@ class SentencePieceTokenizer:
     position i holds the first piece of words[j], else -1. Each word is encoded alone
     (with SentencePiece's word-start marker, as inside a sentence); a word without
     pieces gets UNK; words cut off by `max_length` have no position."""
-    pieces, starts = [], []
-    for j, word_pieces in enumerate(self.sp.encode(list(words)) if words else []):
-      word_pieces = word_pieces or [UNK_ID]
-      starts.extend([j] + [-1] * (len(word_pieces) - 1))
-      pieces.extend(word_pieces)
+    pieces, starts = join_words(self.sp.encode(list(words)) if words else [], UNK_ID)
     ids = self._wrap(pieces, max_length)
     word_index = [-1] + starts[:len(ids) - 2] + [-1]
     return np.asarray(ids, np.int32), np.asarray(word_index, np.int32)

@@ -19,9 +19,9 @@ import numpy as np
 
 from transformer_jax import config_schema
 from transformer_jax import flops
-from transformer_jax import losses
 from transformer_jax import metrics
 from transformer_jax import models
+from transformer_jax import multi30k
 from transformer_jax import readers
 from transformer_jax.tasks import encoder
 
@@ -39,13 +39,12 @@ class ClassificationTask(encoder.EncoderTask):
     if not self.regression and config.loss == 'mse':
       raise config_schema.ConfigError(f"config.loss='mse': needs num_labels=1 (regression), "
                                       f'not {config.num_labels}')
-    self._loss_fn = losses.get_loss(config)
 
   def _read(self, split: str):
     cfg = self.config
     texts, labels, _ = readers.read_tsv(
-        encoder.data_file(cfg, split, 'tsv'), cfg.text_column, cfg.label_column,
-        None if self.regression else self._labels_from_config())
+        multi30k.find_file(cfg.data_dir, split, 'tsv'), cfg.text_column, cfg.label_column,
+        None if self.regression else self.labels)
     return texts, labels
 
   def _texts(self, examples):
@@ -83,7 +82,7 @@ class ClassificationTask(encoder.EncoderTask):
     return out
 
   def _score(self, params, examples, split: str) -> tuple[dict, str]:
-    texts, labels = examples
+    _, labels = examples
     features = self._features(examples, split)
     logits = self._predict_features(features, params)
     if self.regression:

@@ -27,9 +27,11 @@ import numpy as np
 from transformer_jax import config_schema
 from transformer_jax import data
 from transformer_jax import hf_import
+from transformer_jax import losses
 from transformer_jax import models
 from transformer_jax import multi30k
 from transformer_jax import readers
+from transformer_jax import sharding
 from transformer_jax import tokenizer
 from transformer_jax.tasks import base
 
@@ -49,15 +51,6 @@ def architecture_from_json(record: dict) -> models.TransformerConfig:
                                      'param_dtype': jnp.dtype(record['param_dtype'])})
 
 
-def data_file(config, split: str, extension: str) -> str:
-  """{data_dir}/{split}.{extension}[.gz].
-
-  Raises:
-    multi30k.DataError: neither file exists (naming both).
-  """
-  return multi30k.find_file(config.data_dir, split, extension)
-
-
 class EncoderTask(base.Task):
   """Base of the encoder-only tasks. Subclasses implement `_read` (a split -> examples)
   and `_features` (examples -> Batcher features), `_make_model`, `loss` and the rest of
@@ -65,11 +58,16 @@ class EncoderTask(base.Task):
   FIELDS = config_schema.ENCODER_SCHEMA
   token_unit = 'tok'
 
+  def __init__(self, config, workdir: str, mesh):
+    super().__init__(config, workdir, mesh)
+    self._loss_fn = losses.get_loss(config)
+
   # --- Setup ------------------------------------------------------------------------
   def setup(self, training: bool) -> None:
     cfg, workdir = self.config, self.workdir
     self.hf_folder = cfg.init_from[len(HF_PREFIX):] if cfg.init_from else ''
     config_schema.check_model_config(cfg, workdir)  # A rerun must continue the same model.
+    self.test_examples = None
     if training:
       self.labels = self._labels_from_config()
       self.train_examples = self._read(cfg.train_split)
@@ -188,7 +186,6 @@ class EncoderTask(base.Task):
       yield self.batcher.pad_rows(batch)
 
   def _logits(self, params, batch: dict) -> np.ndarray:
-    from transformer_jax import sharding  # pylint: disable=g-import-not-at-top
     inputs = sharding.put_batch({'inputs': batch['inputs']}, self.mesh)['inputs']
     return np.asarray(jax.device_get(self._predict_fn(params, inputs)), np.float64)
 
@@ -205,7 +202,7 @@ class EncoderTask(base.Task):
     return scalars, f'{self.config.eval_split} at step {step}:\n{report}'
 
   def test(self, params, split, name):
-    examples = (self.test_examples if getattr(self, 'test_examples', None) is not None
+    examples = (self.test_examples if self.test_examples is not None
                 and split == self.config.test_split else self._read(split))
     scalars, report = self._score(params, examples, split)
     return scalars, f'{split} ({name}): {self.format_eval(scalars)}\n{report}'
@@ -216,6 +213,7 @@ class EncoderTask(base.Task):
     raise NotImplementedError
 
   def _read(self, split: str):
+    """The examples of `split` (labels checked against `self.labels`)."""
     raise NotImplementedError
 
   def _texts(self, examples) -> list[str]:

@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from transformer_jax import flops
-from transformer_jax import losses
 from transformer_jax import metrics
 from transformer_jax import models
+from transformer_jax import multi30k
 from transformer_jax import readers
 from transformer_jax.tasks import encoder
 
@@ -72,15 +72,10 @@ class TaggingTask(encoder.EncoderTask):
   best_metric = 'f1'
   best_mode = 'max'
 
-  def __init__(self, config, workdir: str, mesh):
-    super().__init__(config, workdir, mesh)
-    self._loss_fn = losses.get_loss(config)
-
   def _read(self, split: str):
     cfg = self.config
-    words, tags, stats = readers.read_conll(encoder.data_file(cfg, split, 'conll'),
-                                            cfg.tag_column, self._labels_from_config(),
-                                            cfg.repair_iob)
+    words, tags, stats = readers.read_conll(multi30k.find_file(cfg.data_dir, split, 'conll'),
+                                            cfg.tag_column, self.labels, cfg.repair_iob)
     logging.info('%s: %s', split, stats)
     return words, tags
 

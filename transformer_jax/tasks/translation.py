@@ -103,6 +103,7 @@ class TranslationTask(base.Task):
   def setup(self, training: bool) -> None:
     cfg, workdir = self.config, self.workdir
     config_schema.check_model_config(cfg, workdir)  # A rerun must continue the same model.
+    self.test_text = None
     if training:
       train_src, train_tgt = data.load_pairs(cfg, cfg.train_split, workdir)
       self.eval_text = data.load_pairs(cfg, cfg.eval_split, workdir)
@@ -182,7 +183,7 @@ class TranslationTask(base.Task):
     return line
 
   def test(self, params, split: str, name: str):
-    text = (self.test_text if split == self.config.test_split and getattr(self, 'test_text', None)
+    text = (self.test_text if split == self.config.test_split and self.test_text
             else data.load_pairs(self.config, split, self.workdir))
     self.translator.params = params
     result = score_split(self.translator, *text, self.workdir, f'{split}-{name}')
