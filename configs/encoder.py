@@ -56,8 +56,15 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   # --- Model ----------------------------------------------------------------
   # '' = our pre-LN encoder from the fields below; 'hf:/folder' = a Hugging Face
   # BERT checkpoint (config.json, model.safetensors, vocab.txt) whose architecture
-  # and WordPiece vocabulary replace them (the dropout rates and dtype below apply).
+  # and WordPiece vocabulary replace them (the dropout rates and dtype below apply);
+  # a run's workdir (its best, else latest checkpoint) or one checkpoint folder
+  # (WORKDIR/checkpoints/STEP): that run's parameters, architecture and tokenizer.
   c.init_from = ''
+  # (regex, replacement or None) pairs: the first regex that fullmatches a model
+  # parameter name ('encoder/layers_0/self_attention/query/kernel') gives the
+  # checkpoint name (re.Match.expand); None keeps the initial value; no match: same name.
+  c.init_rules = ()
+  c.init_strict = False       # True: every parameter loaded and every value used.
   c.pooling = 'mean'          # classification: 'first' token ([CLS]/BOS) or 'mean'.
   c.d_model = 256
   c.num_heads = 4

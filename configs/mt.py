@@ -37,6 +37,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   c.max_tokens_per_batch = 2048  # Global batch size in tokens (padded, per side).
   c.length_bucket_step = 1.25    # Bucket boundaries grow by this factor.
   c.shuffle_buffer_size = 32768  # Pairs; >= corpus size gives a full shuffle.
+  c.train_fraction = 1.0      # < 1: train on the first fraction of the pairs only.
   # Train batches pack several pairs per row of max(max_source_length,
   # max_target_length) tokens (one compiled shape, ~90% real tokens on Multi30k);
   # False: length buckets (one shape per bucket, ~76% real). Eval is always bucketed.
@@ -59,6 +60,13 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   c.share_embeddings = True   # One table for encoder, decoder and logits.
   c.dtype = 'float32'         # Compute dtype: 'float32' or 'bfloat16'.
   c.param_dtype = 'float32'
+  # Start from another run's parameters: its workdir (best, else latest checkpoint)
+  # or one checkpoint folder (WORKDIR/checkpoints/STEP); '' = from scratch.
+  c.init_from = ''
+  # (regex, replacement or None) pairs mapping model parameter names to checkpoint
+  # names (first fullmatch wins; None keeps the initial value; no match: same name).
+  c.init_rules = ()
+  c.init_strict = False       # True: every parameter loaded and every value used.
 
   # --- Loss ---------------------------------------------------------------
   # 'cross_entropy' or a user's JAX function by import path ('my_pkg.losses:focal')
@@ -86,6 +94,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   c.length_penalty = 0.6      # GNMT alpha: ((5 + |Y|) / 6)^alpha; 0 = none.
   c.temperature = 1.0         # decoding='sample' only.
   c.top_k = 0                 # decoding='sample': sample among the k best; 0 = all.
+  c.top_p = 1.0               # decoding='sample': nucleus, smallest set reaching p; 1 = all.
   c.decode_max_length_ratio = 1.5  # Output cap: ratio * source tokens + offset.
   c.decode_max_length_offset = 10
   c.decode_batch_tokens = 8192     # Padded source tokens x beams per decoding batch.

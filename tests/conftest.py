@@ -8,7 +8,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # `configs` is imported as a package in tests.
 
-from configs import mt  # pylint: disable=g-import-not-at-top
+from configs import encoder, mt  # pylint: disable=g-import-not-at-top
 
 
 def multi30k_dir() -> str:
@@ -53,3 +53,15 @@ def tiny_config(text_dir: str, **overrides):
   for key, value in overrides.items():
     config[key] = value
   return config
+
+
+@pytest.fixture(scope='session')
+def sst2_dir(tmp_path_factory) -> str:
+  """train = the first 400 SST-2 training rows, validation = the first 100 of them."""
+  out = tmp_path_factory.mktemp('sst2')
+  path = os.path.join(encoder.shared_data('sst2'), 'train.tsv.gz')
+  with gzip.open(path, 'rt', encoding='utf-8') as f:
+    lines = [next(f) for _ in range(401)]
+  (out / 'train.tsv').write_text(''.join(lines), encoding='utf-8')
+  (out / 'validation.tsv').write_text(''.join(lines[:101]), encoding='utf-8')
+  return str(out)

@@ -20,21 +20,6 @@ from transformer_jax import config_schema, losses, multi30k, optim, readers, sha
 SHARED = encoder_config.shared_data('')
 
 
-def _head_lines(path, n):
-  with gzip.open(path, 'rt', encoding='utf-8') as f:
-    return [next(f) for _ in range(n)]
-
-
-@pytest.fixture(scope='module')
-def sst2_dir(tmp_path_factory):
-  """train = the first 400 SST-2 training rows, validation = the first 100 of them."""
-  out = tmp_path_factory.mktemp('sst2')
-  lines = _head_lines(os.path.join(SHARED, 'sst2', 'train.tsv.gz'), 401)
-  (out / 'train.tsv').write_text(''.join(lines), encoding='utf-8')
-  (out / 'validation.tsv').write_text(''.join(lines[:101]), encoding='utf-8')
-  return str(out)
-
-
 @pytest.fixture(scope='module')
 def germeval_dir(tmp_path_factory):
   """train = the first 300 GermEval training sentences, validation = the first 60."""

@@ -77,6 +77,15 @@ SCHEMA: dict[str, tuple[Any, tuple[Callable[[Any], bool], str]]] = {
     'keep_checkpoints': (int, _positive),
     'log_every_steps': (int, _positive),
     'peak_flops_per_device': (float, _non_negative),
+    # Initialization (transformer_jax/init_from.py): '' (from scratch), 'hf:FOLDER', a run's
+    # workdir or one of its checkpoint folders. The path is checked when the run starts
+    # (`init_from.resolve`): a config file may name a run that does not exist yet.
+    'init_from': (str, _any),
+    'init_rules': ((tuple, list), (
+        lambda v: all(isinstance(r, (tuple, list)) and len(r) == 2 and isinstance(r[0], str)
+                      and (r[1] is None or isinstance(r[1], str)) for r in v),
+        'must be (regex, replacement or None) pairs')),
+    'init_strict': (bool, _any),
 }
 
 # Fields of task 'translation' (transformer_jax/tasks/translation.py).
@@ -88,6 +97,7 @@ TRANSLATION_SCHEMA = {
     'max_source_length': (int, (lambda v: v >= 2, 'must be >= 2')),
     'max_target_length': (int, (lambda v: v >= 2, 'must be >= 2')),
     'pack_examples': (bool, _any),
+    'train_fraction': (float, (lambda v: 0 < v <= 1, 'must be in (0, 1]')),
     'num_decoder_layers': (int, _positive),
     'share_embeddings': (bool, _any),
     'decoding': (str, _one_of('beam', 'greedy', 'sample')),
@@ -95,6 +105,7 @@ TRANSLATION_SCHEMA = {
     'length_penalty': (float, _non_negative),
     'temperature': (float, _positive),
     'top_k': (int, _non_negative),
+    'top_p': (float, (lambda v: 0 < v <= 1, 'must be in (0, 1]')),
     'decode_max_length_ratio': (float, _non_negative),
     'decode_max_length_offset': (int, (lambda v: v >= 1, 'must be >= 1')),
     'decode_batch_tokens': (int, _positive),
@@ -107,9 +118,6 @@ _labels = (lambda v: all(isinstance(x, str) and x for x in v) and len(set(v)) ==
 # Fields of the encoder-only tasks 'classification' and 'tagging'
 # (transformer_jax/tasks/classification.py, tagging.py).
 ENCODER_SCHEMA = {
-    'init_from': (str, (lambda v: v == '' or v.startswith('hf:'),
-                        "must be '' (train from scratch) or 'hf:/path/to/folder' (a Hugging "
-                        'Face BERT checkpoint)')),
     'max_length': (int, (lambda v: v >= 3, 'must be >= 3')),
     'num_labels': (int, _positive),
     'labels': ((tuple, list), _labels),
@@ -121,8 +129,43 @@ ENCODER_SCHEMA = {
     'repair_iob': (bool, _any),
 }
 
+_files = (lambda v: len(v) > 0 and all(isinstance(x, str) and x for x in v),
+          'must name at least one file or glob')
+_density = (lambda v: 0 < v < 1, 'must be in (0, 1)')
+
+# Fields of every pretraining task (transformer_jax/tasks/pretraining.py).
+PRETRAINING_SCHEMA = {
+    'train_files': ((tuple, list), _files),
+    'train_weights': ((tuple, list), (lambda v: all(isinstance(x, (int, float)) and x >= 0
+                                                    for x in v), 'must be numbers >= 0')),
+    'eval_files': ((tuple, list), _files),
+    'num_sentinels': (int, _non_negative),
+}
+
+# Fields of 'span_corruption' and 'text_infilling' (tasks/denoising.py): the translation
+# model and decoding fields, without the parallel data.
+DENOISING_SCHEMA = {
+    **{k: v for k, v in TRANSLATION_SCHEMA.items()
+       if k not in ('dataset_name', 'tfds_data_dir', 'source_lang', 'target_lang',
+                    'pack_examples', 'train_fraction', 'bleu_every_steps')},
+    **PRETRAINING_SCHEMA,
+    'noise_density': (float, _density),
+    'mean_noise_span_length': (float, (lambda v: v >= 1, 'must be >= 1')),
+    'mask_ratio': (float, _density),
+    'poisson_lambda': (float, _positive),
+}
+
+# Fields of 'masked_lm' (tasks/masked_lm.py).
+MASKED_LM_SCHEMA = {
+    **PRETRAINING_SCHEMA,
+    'max_length': (int, (lambda v: v >= 3, 'must be >= 3')),
+    'mask_prob': (float, _density),
+    'whole_word_masking': (bool, _any),
+}
+
 TASK_SCHEMAS = {'translation': TRANSLATION_SCHEMA, 'classification': ENCODER_SCHEMA,
-                'tagging': ENCODER_SCHEMA}
+                'tagging': ENCODER_SCHEMA, 'span_corruption': DENOISING_SCHEMA,
+                'text_infilling': DENOISING_SCHEMA, 'masked_lm': MASKED_LM_SCHEMA}
 
 
 def task_schema(name: str) -> dict:

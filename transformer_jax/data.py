@@ -263,6 +263,21 @@ class Batcher:
     ds = _bucket(ds, self.lengths, self.batch_sizes, drop_remainder=True)
     return ds.skip(skip).prefetch(tf.data.AUTOTUNE).with_options(_options())
 
+  def stream(self, examples, signature: dict, skip: int = 0) -> tf.data.Dataset:
+    """Bucketed batches of an endless stream of examples (pretraining), starting after the
+    first `skip` batches.
+
+    Args:
+      examples: a function returning an iterator of dicts {name: array [n]}, every array
+        of one example of one length n (e.g. {'inputs', 'targets'}), in a deterministic
+        order; a resumed run regenerates and skips the first batches.
+      signature: {name: tf.TensorSpec([None], dtype)} of the examples.
+      skip: batches to skip.
+    """
+    ds = tf.data.Dataset.from_generator(examples, output_signature=signature)
+    ds = _bucket(ds, self.lengths, self.batch_sizes, drop_remainder=True)
+    return ds.skip(skip).prefetch(tf.data.AUTOTUNE).with_options(_options())
+
   def _packed(self, sources, targets, seed: int, skip: int) -> tf.data.Dataset:
     # A full shuffle per epoch (seeded by (seed, epoch)); packing runs across epochs.
     def order():

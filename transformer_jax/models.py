@@ -572,3 +572,33 @@ class TokenClassifier(_EncoderWithHead):
     float32 [B, S, num_labels] (padding positions hold values the caller ignores).
     `deterministic=False` needs a 'dropout' rng."""
     return self._classify(self.encode(inputs, deterministic, token_types), deterministic)
+
+
+class MaskedLM(nn.Module):
+  """The encoder and BERT's masked-LM head (Devlin et al. 2019, appendix A.1; the
+  `cls/predictions` head of the Google BERT code): dense D + activation + LayerNorm, then
+  logits with the transposed token embedding table plus a bias. The encoder keeps the
+  names `source_embedder` and `encoder`, so its parameters load into the classifiers
+  (`init_from`); the head's parameters are `mlm_dense`, `mlm_norm` and `mlm_bias`."""
+  config: TransformerConfig
+
+  def setup(self):
+    cfg = self.config
+    self.source_embedder = Embedder(cfg)
+    self.encoder = Encoder(cfg, self.source_embedder)
+    self.mlm_dense = nn.Dense(cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    self.mlm_norm = _layer_norm(cfg)
+    self.mlm_bias = self.param('mlm_bias', nn.initializers.zeros, (cfg.vocab_size,),
+                               cfg.param_dtype)
+
+  def __call__(self, inputs: Array, deterministic: bool = True,
+               positions: Array | None = None) -> Array:
+    """inputs int32 [B, S] (0 = pad) -> logits float32 [B, S, V], or with `positions`
+    (int32 [B, P], indices into S) the logits at those positions only, [B, P, V] (the
+    head and the vocabulary projection then cost P/S as much).
+    `deterministic=False` needs a 'dropout' rng."""
+    hidden = self.encoder(inputs, deterministic)  # [B, S, D]
+    if positions is not None:
+      hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)  # [B, P, D]
+    hidden = self.mlm_norm(ACTIVATIONS[self.config.activation](self.mlm_dense(hidden)))
+    return self.source_embedder.attend(hidden) + self.mlm_bias.astype(jnp.float32)

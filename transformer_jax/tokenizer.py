@@ -10,6 +10,7 @@ Special ids, fixed for every model this toolkit trains (the one place they are d
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from typing import Iterable
 
@@ -22,10 +23,28 @@ EOS_ID = 1
 BOS_ID = 2
 UNK_ID = 3
 
+# Pretraining symbols (`reserved_symbols`): SentencePiece control symbols, so they get
+# ids right after UNK_ID and are never produced by encoding typed text.
+MASK = '<mask>'
+SENTINEL = '<extra_id_{}>'
+
+
+def reserved_symbols(num_sentinels: int) -> tuple[str, ...]:
+  """The control symbols of a pretraining tokenizer: MASK (BART infilling, BERT masked
+  LM) and `num_sentinels` T5 sentinels '<extra_id_0>', '<extra_id_1>', ..."""
+  return (MASK,) + tuple(SENTINEL.format(i) for i in range(num_sentinels))
+
+
+def symbol_ids(sp: spm.SentencePieceProcessor) -> dict[str, int]:
+  """{piece: id} of the model's control symbols other than PAD/EOS/BOS (e.g. MASK and
+  the sentinels); {} for a model trained without them."""
+  return {sp.id_to_piece(i): i for i in range(UNK_ID + 1, sp.vocab_size())
+          if sp.is_control(i)}
+
 
 def train(sentences: Iterable[str], model_path: str, vocab_size: int,
-          model_type: str = 'unigram', character_coverage: float = 1.0
-          ) -> spm.SentencePieceProcessor:
+          model_type: str = 'unigram', character_coverage: float = 1.0,
+          control_symbols: tuple[str, ...] = ()) -> spm.SentencePieceProcessor:
   """Trains a SentencePiece model on `sentences` and writes it to `model_path`.
 
   The file appears atomically (written beside it, then renamed), so an interrupted run
@@ -38,6 +57,8 @@ def train(sentences: Iterable[str], model_path: str, vocab_size: int,
       on a small corpus (`hard_vocab_limit=False`).
     model_type: 'unigram' or 'bpe'.
     character_coverage: fraction of characters covered by the alphabet.
+    control_symbols: reserved pieces (`reserved_symbols`), ids UNK_ID + 1, ... in order;
+      typed text never encodes to them.
 
   Returns:
     The loaded processor.
@@ -50,7 +71,7 @@ def train(sentences: Iterable[str], model_path: str, vocab_size: int,
         sentence_iterator=iter(sentences), model_prefix=prefix, vocab_size=vocab_size,
         model_type=model_type, character_coverage=character_coverage,
         pad_id=PAD_ID, eos_id=EOS_ID, bos_id=BOS_ID, unk_id=UNK_ID,
-        hard_vocab_limit=False, minloglevel=2)
+        control_symbols=list(control_symbols), hard_vocab_limit=False, minloglevel=2)
     os.replace(prefix + '.model', model_path)
   logging.info('Trained SentencePiece model %s', model_path)
   return load(model_path)
@@ -70,7 +91,38 @@ def load(model_path: str) -> spm.SentencePieceProcessor:
   return sp
 
 
-def load_or_train(config, workdir: str, sentences: list[str]) -> spm.SentencePieceProcessor:
+def encode_with_symbols(sp: spm.SentencePieceProcessor, text: str) -> list[int]:
+  """The ids of `text`, where the written names of the model's control symbols
+  (`symbol_ids`: '<mask>', '<extra_id_0>', ...) become those ids: how a user asks a
+  pretrained model to fill in a blank (--mode=predict). Plain `encode` never does this."""
+  symbols = symbol_ids(sp)
+  if not symbols:
+    return sp.encode(text)
+  ids = []
+  for i, part in enumerate(re.split('(' + '|'.join(map(re.escape, symbols)) + ')', text)):
+    if i % 2:
+      ids.append(symbols[part])
+    elif part.strip():
+      ids.extend(sp.encode(part.strip()))
+  return ids
+
+
+def decode_with_symbols(sp: spm.SentencePieceProcessor, ids) -> str:
+  """Text of `ids`, with control symbols written by name (plain `decode` drops them)."""
+  names = {i: piece for piece, i in symbol_ids(sp).items()}
+  parts, run = [], []
+  for i in map(int, ids):
+    if i in names:
+      parts.extend([sp.decode(run), names[i]])
+      run = []
+    else:
+      run.append(i)
+  parts.append(sp.decode(run))
+  return ' '.join(p for p in parts if p)
+
+
+def load_or_train(config, workdir: str, sentences: list[str],
+                  control_symbols: tuple[str, ...] = ()) -> spm.SentencePieceProcessor:
   """The SentencePiece model in {workdir}/tokenizer/spm.model, trained on (at most
   `config.spm_max_sentences`, sampled with `config.seed`) `sentences` the first time and
   reused on restarts."""
@@ -83,7 +135,7 @@ def load_or_train(config, workdir: str, sentences: list[str]) -> spm.SentencePie
     sentences = [sentences[i] for i in
                  rng.choice(len(sentences), config.spm_max_sentences, replace=False)]
   return train(sentences, path, config.vocab_size, config.spm_model_type,
-               config.spm_character_coverage)
+               config.spm_character_coverage, control_symbols)
 
 
 def join_words(per_word: list[list[int]], unk_id: int) -> tuple[list[int], list[int]]:

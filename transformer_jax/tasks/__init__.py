@@ -5,6 +5,9 @@ prediction; `transformer_jax.train` is the one loop that runs any of them.
   classification  encoder + sequence head: labels or a regression value per sentence
                   (tasks/classification.py)
   tagging         encoder + token head: a label per word, e.g. NER (tasks/tagging.py)
+  span_corruption T5 span corruption, encoder-decoder (tasks/denoising.py)
+  text_infilling  BART text infilling, encoder-decoder (tasks/denoising.py)
+  masked_lm       BERT masked LM, the encoder alone (tasks/masked_lm.py)
 
 `config.task` names a built-in task or a user's `Task` subclass by import path
 ('my_pkg.tasks:MyTask'), whose `FIELDS` lists its extra config fields.
@@ -20,6 +23,9 @@ BUILTIN = {
     'translation': 'transformer_jax.tasks.translation:TranslationTask',
     'classification': 'transformer_jax.tasks.classification:ClassificationTask',
     'tagging': 'transformer_jax.tasks.tagging:TaggingTask',
+    'span_corruption': 'transformer_jax.tasks.denoising:DenoisingTask',
+    'text_infilling': 'transformer_jax.tasks.denoising:DenoisingTask',
+    'masked_lm': 'transformer_jax.tasks.masked_lm:MaskedLMTask',
 }
 
 

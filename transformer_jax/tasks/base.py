@@ -14,6 +14,8 @@ from typing import Any, Iterator
 import jax
 import numpy as np
 
+from transformer_jax import init_from
+
 
 class Task:
   """Base class of tasks. Subclasses set the class attributes and implement the methods.
@@ -61,8 +63,22 @@ class Task:
 
   def load_pretrained(self, params: Any) -> Any:
     """`init_params`'s parameters with pretrained values put in (a fresh run only, not a
-    resumed one; outside jit). The default changes nothing."""
-    return params
+    resumed one; outside jit; the trainer device_puts the result).
+
+    The default loads `config.init_from` (another run's workdir or checkpoint folder)
+    through `config.init_rules` and logs what was loaded (`transformer_jax.init_from`);
+    with init_from='' it changes nothing.
+
+    Raises:
+      init_from.InitError: (a config_schema.ConfigError) a source that cannot be used,
+        a bad rule, or with `config.init_strict` parameters that were not all loaded;
+        'hf:' sources, which only the encoder tasks can import.
+    """
+    if self.config.init_from.startswith(init_from.HF_PREFIX):
+      raise init_from.InitError(
+          f'config.init_from={self.config.init_from!r}: task {self.config.task!r} cannot '
+          'import a Hugging Face BERT (the encoder tasks classification and tagging can)')
+    return init_from.initialize(self.config, params)
 
   def describe(self) -> str:
     """One line for the log: the model and its data (e.g. vocabulary, labels)."""

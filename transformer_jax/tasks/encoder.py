@@ -11,7 +11,13 @@ Tokenizer and architecture:
                           stays freshly initialized), its WordPiece vocabulary (copied to
                           {workdir}/tokenizer/vocab.txt). The run config's dropout rates
                           and dtype apply.
-Both are recorded in {workdir}/model_config.json, which the eval and predict modes read.
+  init_from=WORKDIR       another run (or WORKDIR/checkpoints/STEP, one checkpoint): its
+                          encoder architecture from WORKDIR/model_config.json (an encoder
+                          task's, or the encoder of an encoder-decoder run), its tokenizer
+                          (WORKDIR/tokenizer/ copied into {workdir}/tokenizer/), its
+                          parameters by `config.init_rules` (`transformer_jax.init_from`).
+                          The run config's dropout rates and dtypes apply.
+All are recorded in {workdir}/model_config.json, which the eval and predict modes read.
 """
 from __future__ import annotations
 
@@ -19,7 +25,6 @@ import dataclasses
 import os
 
 from absl import logging
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,6 +32,7 @@ import numpy as np
 from transformer_jax import config_schema
 from transformer_jax import data
 from transformer_jax import hf_import
+from transformer_jax import init_from
 from transformer_jax import losses
 from transformer_jax import models
 from transformer_jax import multi30k
@@ -35,7 +41,9 @@ from transformer_jax import sharding
 from transformer_jax import tokenizer
 from transformer_jax.tasks import base
 
-HF_PREFIX = 'hf:'
+HF_PREFIX = init_from.HF_PREFIX
+# The model_config.json fields of an encoder-decoder run that give its encoder.
+_ENCODER_FIELDS = ('vocab_size', 'd_model', 'num_heads', 'd_ff', 'num_encoder_layers')
 
 
 def architecture_to_json(cfg: models.TransformerConfig) -> dict:
@@ -49,6 +57,34 @@ def architecture_to_json(cfg: models.TransformerConfig) -> dict:
 def architecture_from_json(record: dict) -> models.TransformerConfig:
   return models.TransformerConfig(**{**record, 'dtype': jnp.dtype(record['dtype']),
                                      'param_dtype': jnp.dtype(record['param_dtype'])})
+
+
+def source_architecture(run_dir: str, config) -> models.TransformerConfig:
+  """The encoder of the run in `run_dir`, from its model_config.json: an encoder task's
+  'architecture' record, or the top-level fields of an encoder-decoder run (translation,
+  pretraining: vocab_size, d_model, num_heads, d_ff, num_encoder_layers, and the other
+  `TransformerConfig` fields it records; the rest as `TransformerConfig.from_config`
+  gives them), with `config`'s dropout rates and dtypes.
+
+  Raises:
+    init_from.InitError: naming config.init_from, when the file is missing or records
+      no model.
+  """
+  record = config_schema.load_model_config(run_dir)
+  if isinstance(record.get('architecture'), dict):
+    architecture = architecture_from_json(record['architecture'])
+  elif all(name in record for name in _ENCODER_FIELDS):
+    fields = {f.name for f in dataclasses.fields(models.TransformerConfig)} - {
+        'dtype', 'param_dtype'}
+    architecture = models.TransformerConfig(**{k: v for k, v in record.items() if k in fields})
+  else:
+    raise init_from.InitError(
+        f'config.init_from={config.init_from!r}: {os.path.join(run_dir, "model_config.json")} '
+        'is missing or records no model')
+  return dataclasses.replace(
+      architecture, dropout_rate=config.dropout_rate,
+      attention_dropout_rate=config.attention_dropout_rate, dtype=jnp.dtype(config.dtype),
+      param_dtype=jnp.dtype(config.param_dtype))
 
 
 class EncoderTask(base.Task):
@@ -65,10 +101,13 @@ class EncoderTask(base.Task):
   # --- Setup ------------------------------------------------------------------------
   def setup(self, training: bool) -> None:
     cfg, workdir = self.config, self.workdir
-    self.hf_folder = cfg.init_from[len(HF_PREFIX):] if cfg.init_from else ''
+    self.hf_folder = cfg.init_from[len(HF_PREFIX):] if cfg.init_from.startswith(
+        HF_PREFIX) else ''
     config_schema.check_model_config(cfg, workdir)  # A rerun must continue the same model.
     self.test_examples = None
+    self.source_run = None  # The workdir of an init_from run.
     if training:
+      self.source_run = init_from.source_run_dir(cfg.init_from)
       self.labels = self._labels_from_config()
       self.train_examples = self._read(cfg.train_split)
       self.eval_examples = self._read(cfg.eval_split)
@@ -76,7 +115,7 @@ class EncoderTask(base.Task):
       self.tokenizer, architecture = self._tokenizer_and_architecture()
       config_schema.save_model_config(
           cfg, self.tokenizer.vocab_size, workdir,
-          fields=() if self.hf_folder else config_schema.MODEL_FIELDS,
+          fields=() if self.hf_folder or self.source_run else config_schema.MODEL_FIELDS,
           extra={'task': cfg.task, 'labels': list(self.labels), 'pooling': cfg.pooling,
                  'architecture': architecture_to_json(architecture)})
     else:
@@ -122,16 +161,18 @@ class EncoderTask(base.Task):
 
   def _tokenizer_and_architecture(self):
     cfg = self.config
+    if self.source_run:
+      architecture = source_architecture(self.source_run, cfg)
+      self._check_positions(architecture)
+      init_from.copy_tokenizer(self.source_run, self.workdir)
+      return self._load_tokenizer(), architecture
     if self.hf_folder:
       kwargs = hf_import.read_bert_config(self.hf_folder)
       architecture = models.TransformerConfig(**{
           **kwargs, 'dropout_rate': cfg.dropout_rate,
           'attention_dropout_rate': cfg.attention_dropout_rate,
           'dtype': jnp.dtype(cfg.dtype), 'param_dtype': jnp.dtype(cfg.param_dtype)})
-      if cfg.max_length > architecture.max_position_embeddings:
-        raise config_schema.ConfigError(
-            f'config.max_length={cfg.max_length}: the imported model has '
-            f'{architecture.max_position_embeddings} positions')
+      self._check_positions(architecture)
       folder = os.path.join(self.workdir, 'tokenizer')
       wordpiece = hf_import.WordPieceTokenizer(self.hf_folder)
       wordpiece.save(folder)
@@ -140,35 +181,28 @@ class EncoderTask(base.Task):
     return (tokenizer.SentencePieceTokenizer(sp),
             models.TransformerConfig.from_config(cfg, sp.vocab_size()))
 
+  def _check_positions(self, architecture: models.TransformerConfig) -> None:
+    if (architecture.position_embedding == 'learned'
+        and self.config.max_length > architecture.max_position_embeddings):
+      raise config_schema.ConfigError(
+          f'config.max_length={self.config.max_length}: the imported model has '
+          f'{architecture.max_position_embeddings} positions')
+
   def init_params(self, rng: jax.Array):
     dummy = jnp.ones((1, 8), jnp.int32)
     return self.model.init(rng, dummy)['params']
 
   def load_pretrained(self, params):
-    """Replaces the encoder's parameters by the imported checkpoint's (init_from='hf:'),
-    logging what was loaded, what kept its initial value and what the checkpoint had
-    that the model does not use."""
-    if not self.hf_folder:
-      return params
-    _, imported, unused = hf_import.load_bert(self.hf_folder, return_unused=True)
-    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep='/')
-    loaded = flax.traverse_util.flatten_dict(imported, sep='/')
-    for name, value in loaded.items():
-      if name not in flat or flat[name].shape != value.shape:
-        raise hf_import.HFImportError(f'{self.hf_folder}: {name} does not fit the model')
-      flat[name] = jnp.asarray(value, flat[name].dtype)
-    kept = sorted(set(flat) - set(loaded))
-    key_biases = [name for name in unused if name.endswith('attention.self.key.bias')]
-    unused = [name for name in unused if name not in key_biases]
-    logging.info('Imported %d tensors from %s; initialized: %s; unused from the checkpoint: '
-                 '%s; %d attention key biases dropped (they add the same value to every '
-                 'logit of a query, which softmax ignores)', len(loaded), self.hf_folder,
-                 ', '.join(kept) or 'none', ', '.join(unused) or 'none', len(key_biases))
-    return flax.traverse_util.unflatten_dict(flat, sep='/')
+    """Puts in the parameters of `config.init_from` (a Hugging Face BERT's encoder, or
+    another run's), mapped by `config.init_rules`, and logs what was loaded, initialized
+    and left unused (`init_from.assign`); a fresh head stays initialized."""
+    return init_from.initialize(self.config, params)
 
   def describe(self) -> str:
     cfg = self.model.config
-    source = f'imported from {self.hf_folder}' if self.hf_folder else 'from scratch'
+    source = (f'imported from {self.hf_folder}' if self.hf_folder else
+              f'initialized from {self.config.init_from}' if self.config.init_from else
+              'from scratch')
     return (f'{type(self.model).__name__} ({cfg.num_encoder_layers} layers, d_model '
             f'{cfg.d_model}, {cfg.norm_position}-LN, {source}), vocab '
             f'{self.tokenizer.vocab_size}, {len(self.labels) or 1} labels')

@@ -21,6 +21,7 @@ import numpy as np
 from transformer_jax import config_schema
 from transformer_jax import data
 from transformer_jax import flops
+from transformer_jax import init_from
 from transformer_jax import losses
 from transformer_jax import models
 from transformer_jax import scoring
@@ -105,7 +106,15 @@ class TranslationTask(base.Task):
     config_schema.check_model_config(cfg, workdir)  # A rerun must continue the same model.
     self.test_text = None
     if training:
+      source_run = init_from.source_run_dir(cfg.init_from)
+      if source_run:  # Fine-tuning takes the pretrained run's tokenizer.
+        init_from.copy_tokenizer(source_run, workdir)
       train_src, train_tgt = data.load_pairs(cfg, cfg.train_split, workdir)
+      if cfg.train_fraction < 1:  # Low-resource runs: the first pairs of the split.
+        keep = max(1, round(cfg.train_fraction * len(train_src)))
+        logging.info('train_fraction=%g: the first %d of %d training pairs',
+                     cfg.train_fraction, keep, len(train_src))
+        train_src, train_tgt = train_src[:keep], train_tgt[:keep]
       self.eval_text = data.load_pairs(cfg, cfg.eval_split, workdir)
       # Read up front: a bad test split stops the run before training, not after it.
       self.test_text = (data.load_pairs(cfg, cfg.test_split, workdir)
