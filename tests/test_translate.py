@@ -1,4 +1,5 @@
-"""Translation and scoring: sacreBLEU parity, batching invariance, the eval/translate modes."""
+"""Translation and scoring: sacreBLEU parity, batching invariance (sampling included),
+the eval/translate modes."""
 import json
 import os
 import subprocess
@@ -10,7 +11,7 @@ import pytest
 import sacrebleu
 
 from tests.conftest import REPO, tiny_config
-from transformer_jax import evaluation, scoring, sharding, train
+from transformer_jax import evaluation, scoring, sharding, train, translate
 from transformer_jax.tokenizer import EOS_ID
 
 
@@ -75,6 +76,46 @@ def test_batch_of_sentences_equals_each_sentence_alone(trained):
       alone = translator.translate_ids([src])[0]
       np.testing.assert_array_equal(out, alone)
     assert any(len(o) > 0 for o in together)
+
+
+def test_sampling_is_reproducible_whatever_the_batching(trained):
+  config, workdir, _ = trained
+  rng = np.random.default_rng(1)
+  sources = [np.append(rng.integers(4, 300, size=n), EOS_ID).astype(np.int32)
+             for n in (8, 9, 7, 17, 3)]
+  a, b, c = sources[:3]
+  outputs = {}
+  for batch_tokens in (8192, 1):  # Batches of many rows, then of one row each.
+    config = tiny_config(config.data_dir, decoding='sample', temperature=1.0,
+                         decode_batch_tokens=batch_tokens)
+    translator, _ = load_translator(config, workdir, 'latest')
+    outputs[batch_tokens] = translator.translate_ids(sources)
+    together = translator.translate_ids([a, b, c])
+    alone = translator.translate_ids([c])[0]
+    np.testing.assert_array_equal(together[2], alone)
+    np.testing.assert_array_equal(outputs[batch_tokens][2], alone)
+    repeated = translator.translate_ids([c, c, c, c])  # Each copy draws its own sample...
+    np.testing.assert_array_equal(repeated[0], alone)  # ...the first one this one.
+    assert len({tuple(out) for out in repeated}) > 1
+    for out in outputs[batch_tokens] + repeated:
+      assert not np.isin(out, [0, 2]).any()  # Never PAD or BOS.
+  for x, y in zip(outputs[8192], outputs[1]):
+    np.testing.assert_array_equal(x, y)
+  # top_p wired through: a nucleus of (almost) nothing keeps only the best token: greedy.
+  nucleus, _ = load_translator(tiny_config(config.data_dir, decoding='sample', top_p=1e-6),
+                               workdir, 'latest')
+  greedy, _ = load_translator(tiny_config(config.data_dir, decoding='greedy'), workdir,
+                              'latest')
+  for x, y in zip(nucleus.translate_ids(sources), greedy.translate_ids(sources)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_sample_ids_depend_on_the_sentence_and_its_repeats_only():
+  a, b = np.array([5, 6, 1], np.int32), np.array([7, 1], np.int32)
+  ids = translate.sample_ids([a, b, a, a.astype(np.int64), b])  # a 3 times, b twice.
+  assert ids.dtype == np.uint32 and len(set(ids.tolist())) == 5  # Each copy its own.
+  np.testing.assert_array_equal(translate.sample_ids([b, a]), ids[[1, 0]])  # Order-free.
+  np.testing.assert_array_equal(translate.sample_ids([a, a, a]), ids[[0, 2, 3]])
 
 
 def run_main(*args, stdin=None):

@@ -15,17 +15,39 @@ whose shape depends only on (batch size, source length, max_length).
 Output sequences are int32 [..., max_length]: the generated tokens, EOS included, then
 zeros (PAD_ID). `max_lengths` int32 [B] caps each sentence's length, EOS included; EOS
 is forced at the last allowed position.
+
+Rules every search follows:
+
+- PAD_ID and BOS_ID (`NEVER_GENERATED`) are never generated, whatever the model
+  predicts: their scores are set to NEG_INF before any selection (fairseq's
+  SequenceGenerator does the same for PAD). Beam and greedy scores are not renormalized
+  over the remaining tokens, so a hypothesis scores the model's log P(Y|X) and beam
+  search looks for the most probable sequence free of PAD and BOS; sampling draws from
+  the model's distribution restricted to the allowed tokens (renormalized).
+- Ties go to the lower token id: greedy takes the first maximum (`jnp.argmax`), and
+  `top_k_mask`/`top_p_mask` rank equal scores lower id first, so top_k=1 sampling is
+  greedy decoding token for token.
+- Sampling applies temperature, then top_k, then top_p (the order of Hugging Face
+  transformers' logits warpers); top_p works on the probabilities left after temperature
+  and top_k. Row r draws with the key fold_in(fold_in(rng, row_ids[r]), step): its sample
+  depends on neither the other rows of the batch nor its position in it.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from transformer_jax.tokenizer import BOS_ID, EOS_ID
+from transformer_jax.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 NEG_INF = -1.0e9  # Finite, so that -inf - -inf never makes a NaN.
+NEVER_GENERATED = (PAD_ID, BOS_ID)  # Ids no search outputs.
+# Temperatures below float32's smallest normal number are not exactly representable
+# (CPUs may flush subnormals to zero): sampling there is greedy decoding, its limit.
+MIN_TEMPERATURE = float(np.finfo(np.float32).tiny)
 TokensToLogits = Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
 
 
@@ -34,11 +56,74 @@ def length_penalty(length: jax.Array, alpha: float) -> jax.Array:
   return ((5.0 + length.astype(jnp.float32)) / 6.0) ** alpha
 
 
-def _force_eos(log_probs: jax.Array, index: jax.Array, max_lengths: jax.Array) -> jax.Array:
-  """log_probs [B, ..., V]: only EOS is allowed where index is the last position."""
-  last = (index >= max_lengths - 1).reshape((-1,) + (1,) * (log_probs.ndim - 1))
-  not_eos = jnp.arange(log_probs.shape[-1]) != EOS_ID
-  return jnp.where(last & not_eos, NEG_INF, log_probs)
+def _allowed(shape: tuple[int, ...], index: jax.Array, max_lengths: jax.Array) -> jax.Array:
+  """bool `shape` ([B, ..., V]): the tokens a search may output at position `index`.
+
+  Never PAD_ID or BOS_ID (`NEVER_GENERATED`); only EOS where `index` is a sentence's last
+  allowed position (max_lengths int32 [B], EOS included).
+  """
+  ids = jnp.arange(shape[-1])
+  special = functools.reduce(jnp.logical_or, [ids == i for i in NEVER_GENERATED])
+  last = (index >= max_lengths - 1).reshape((-1,) + (1,) * (len(shape) - 1))
+  return ~special & ~(last & (ids != EOS_ID))
+
+
+def _order_and_ranks(scores: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """scores float [..., V] -> (order, ranks), int32 [..., V]: `order` lists the ids best
+  first, equal scores lower id first (a stable sort); ranks[v] is v's place in it."""
+  order = jnp.argsort(-scores, axis=-1, stable=True)
+  return order, jnp.argsort(order, axis=-1, stable=True)
+
+
+def top_k_mask(scores: jax.Array, k: int) -> jax.Array:
+  """The k best tokens: exactly k, ties broken by the lower id; all when k = 0 or k >= V.
+
+  Args:
+    scores: float [..., V], logits or log-probabilities (-inf allowed).
+    k: >= 0.
+
+  Returns:
+    bool [..., V], True for the kept tokens.
+
+  Raises:
+    ValueError: k < 0.
+  """
+  if k < 0:
+    raise ValueError(f'top_k={k}: must be >= 0')
+  if k == 0 or k >= scores.shape[-1]:
+    return jnp.ones(scores.shape, bool)
+  return _order_and_ranks(scores)[1] < k
+
+
+def top_p_mask(scores: jax.Array, p: float) -> jax.Array:
+  """Nucleus of softmax(scores): the smallest set of most probable tokens whose total
+  probability reaches p (>= p), at least one token (Holtzman et al. 2020, "The Curious
+  Case of Neural Text Degeneration", section 3.1). Tokens are taken best first, equal
+  probabilities lower id first: a token is kept when the tokens before it total < p.
+
+  On probabilities [0.5, 0.3, 0.15, 0.05]: p = 0.6 keeps 2 tokens, p = 0.85 keeps 3 and
+  p = 1.0 (off) keeps all 4.
+
+  Args:
+    scores: float [..., V], logits (-inf for excluded tokens, as long as one is finite).
+    p: in (0, 1].
+
+  Returns:
+    bool [..., V], True for the kept tokens.
+
+  Raises:
+    ValueError: p outside (0, 1].
+  """
+  if not 0 < p <= 1:
+    raise ValueError(f'top_p={p}: must be in (0, 1]')
+  if p == 1:
+    return jnp.ones(scores.shape, bool)
+  probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+  order, ranks = _order_and_ranks(probs)
+  sorted_probs = jnp.take_along_axis(probs, order, axis=-1)
+  before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs  # Mass of the better tokens.
+  num_kept = jnp.sum(before < p, axis=-1, keepdims=True)  # >= 1, as before[..., 0] = 0.
+  return ranks < num_kept
 
 
 def _gather_beams(tree, beam_indices: jax.Array):
@@ -69,13 +154,14 @@ def beam_search(tokens_to_logits: TokensToLogits, cache, max_lengths: jax.Array,
                 ) -> tuple[jax.Array, jax.Array]:
   """Beam search with the GNMT length penalty (Wu et al. 2016, section 7).
 
-  A hypothesis ending in EOS at length n scores log P(Y|X) / ((5 + n) / 6)^alpha. Each step
-  extends the live beams by every token, keeps the 2K best extensions, moves those among
-  the K best that end in EOS to the finished set (top K by score) and keeps the K best
-  others alive. A sentence
-  stops when no live beam can beat its K-th best finished hypothesis any more (log
-  probabilities only fall and, for alpha >= 0, the penalty is largest at the maximum
-  length) or when it reaches its maximum length; the search stops when all have.
+  A hypothesis ending in EOS at length n scores log P(Y|X) / ((5 + n) / 6)^alpha; it never
+  contains PAD or BOS (module docstring: their log-probabilities are NEG_INF, the others
+  are not renormalized). Each step extends the live beams by every token, keeps the 2K
+  best extensions, moves those among the K best that end in EOS to the finished set (top
+  K by score) and keeps the K best others alive. A sentence stops when no live beam can
+  beat its K-th best finished hypothesis any more (log probabilities only fall and, for
+  alpha >= 0, the penalty is largest at the maximum length) or when it reaches its
+  maximum length; the search stops when all have.
 
   Args:
     tokens_to_logits: the model callback (module docstring).
@@ -120,7 +206,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache, max_lengths: jax.Array,
     index = state['index']
     logits, cache = tokens_to_logits(state['last_tokens'].reshape(-1), state['cache'], index)
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(batch_size, k, -1)
-    log_probs = _force_eos(log_probs, index, max_lengths)
+    log_probs = jnp.where(_allowed(log_probs.shape, index, max_lengths), log_probs, NEG_INF)
     vocab_size = log_probs.shape[-1]
     candidates = (state['live_log_probs'][..., None] + log_probs).reshape(batch_size, -1)
     cand_log_probs, flat = jax.lax.top_k(candidates, 2 * k)  # [B, 2K]
@@ -165,10 +251,17 @@ def beam_search(tokens_to_logits: TokensToLogits, cache, max_lengths: jax.Array,
 
 
 def sample(tokens_to_logits: TokensToLogits, cache, max_lengths: jax.Array, max_length: int,
-           rng: jax.Array | None = None, temperature: float = 1.0, top_k: int = 0
-           ) -> jax.Array:
+           rng: jax.Array | None = None, temperature: float = 1.0, top_k: int = 0,
+           top_p: float = 1.0, row_ids: jax.Array | None = None) -> jax.Array:
   """Greedy decoding (rng=None) or ancestral sampling from softmax(logits / temperature),
-  restricted to the top_k most likely tokens when top_k > 0.
+  restricted to the top_k most likely tokens and then to the top_p nucleus.
+
+  PAD and BOS are never output (module docstring). Greedy takes the most likely allowed
+  token, the lowest id among equals. Sampling is greedy decoding where the rules make it
+  so: top_k=1 keeps exactly the greedy token, and a temperature below MIN_TEMPERATURE
+  (float32's smallest normal number, 1.2e-38) decodes greedily; above it the logits are
+  shifted so that their maximum is 0 before they are divided, so a tiny temperature
+  concentrates the distribution on the best token(s) and never overflows into NaN.
 
   Args:
     tokens_to_logits: the model callback (module docstring).
@@ -176,13 +269,32 @@ def sample(tokens_to_logits: TokensToLogits, cache, max_lengths: jax.Array, max_
     max_lengths: int32 [B], maximum output lengths (EOS included).
     max_length: static output length.
     rng: PRNG key for sampling; None decodes greedily (argmax).
-    temperature: > 0; divides the logits before sampling.
-    top_k: sample among this many best tokens; 0 = all.
+    temperature: > 0 (a static float); divides the logits before sampling.
+    top_k: sample among this many best tokens (exactly k: ties go to the lower id); 0 = all.
+    top_p: in (0, 1]; sample within the nucleus of this probability (`top_p_mask`) of the
+      top_k tokens; 1.0 = all.
+    row_ids: int32 or uint32 [B], the identity of each row's random stream: row r draws
+      with fold_in(fold_in(rng, row_ids[r]), step), so equal ids give equal samples in
+      any batch, at any row. None: 0, 1, ..., B - 1.
 
   Returns:
     sequences int32 [B, max_length], EOS-terminated and 0-padded.
+
+  Raises:
+    ValueError: temperature <= 0, top_k < 0 or top_p outside (0, 1].
   """
+  if not temperature > 0:
+    raise ValueError(f'temperature={temperature}: must be > 0')
+  if top_k < 0:
+    raise ValueError(f'top_k={top_k}: must be >= 0')
+  if not 0 < top_p <= 1:
+    raise ValueError(f'top_p={top_p}: must be in (0, 1]')
   batch_size = max_lengths.shape[0]
+  greedy = rng is None or temperature < MIN_TEMPERATURE
+  if not greedy:
+    if row_ids is None:
+      row_ids = jnp.arange(batch_size, dtype=jnp.uint32)
+    row_keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(row_ids)
   init = {'index': jnp.array(0, jnp.int32),
           'last_tokens': jnp.full((batch_size,), BOS_ID, jnp.int32),
           'seqs': jnp.zeros((batch_size, max_length), jnp.int32),
@@ -195,15 +307,20 @@ def sample(tokens_to_logits: TokensToLogits, cache, max_lengths: jax.Array, max_
   def body(state):
     index = state['index']
     logits, cache = tokens_to_logits(state['last_tokens'], state['cache'], index)
-    logits = _force_eos(logits.astype(jnp.float32), index, max_lengths)
-    if rng is None:
-      tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32)
+    allowed = _allowed(logits.shape, index, max_lengths)
+    if greedy:
+      tokens = jnp.argmax(jnp.where(allowed, logits, NEG_INF), axis=-1).astype(jnp.int32)
     else:
-      logits = logits / temperature
-      if top_k:
-        kth_best = jax.lax.top_k(logits, top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth_best, NEG_INF, logits)
-      tokens = jax.random.categorical(jax.random.fold_in(rng, index), logits).astype(jnp.int32)
+      logits = jnp.where(allowed, logits, -jnp.inf)
+      keep = allowed & top_k_mask(logits, top_k)
+      # Max 0 before dividing: the best token scores exactly 0, the rest at most -inf.
+      scaled = (logits - jnp.max(logits, axis=-1, keepdims=True)) / temperature
+      scaled = jnp.where(keep, scaled, -jnp.inf)
+      keep = keep & top_p_mask(scaled, top_p)
+      scaled = jnp.where(keep, scaled, -jnp.inf)
+      keys = jax.vmap(lambda key: jax.random.fold_in(key, index))(row_keys)
+      tokens = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
     tokens = jnp.where(state['finished'], 0, tokens)
     return {'index': index + 1, 'last_tokens': tokens,
             'seqs': state['seqs'].at[:, index].set(tokens),

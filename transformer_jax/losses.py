@@ -17,8 +17,9 @@ The leading shape [...] depends on the task:
                           sub-tokens and padding have weight 0
 
 `get_loss(config)` returns the built-in `cross_entropy` (with `config.label_smoothing`
-bound), `mse`, or a user's function named by import path, e.g.
-`config.loss='my_pkg.losses:focal'`.
+bound, and for the tasks whose logits range over the tokenizer's vocabulary,
+`VOCABULARY_TASKS`, no smoothing mass on PAD and BOS), `mse`, or a user's function named
+by import path, e.g. `config.loss='my_pkg.losses:focal'`.
 """
 from __future__ import annotations
 
@@ -31,32 +32,58 @@ import jax.numpy as jnp
 import numpy as np
 
 from transformer_jax.config_schema import ConfigError
+from transformer_jax.tokenizer import BOS_ID, PAD_ID
 
 LossFn = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, dict]]
 
+# Tasks whose logits range over the tokenizer's vocabulary, where PAD and BOS are never
+# targets (BOS only starts the decoder input), so label smoothing gives them no mass.
+# Classification and tagging logits range over labels: there ids 0 and 2 are labels.
+VOCABULARY_TASKS = ('translation', 'span_corruption', 'text_infilling', 'masked_lm')
+NEVER_TARGETS = (PAD_ID, BOS_ID)
+
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array,
-                  label_smoothing: float = 0.0) -> tuple[jax.Array, dict]:
+                  label_smoothing: float = 0.0, no_smoothing_ids: tuple[int, ...] = ()
+                  ) -> tuple[jax.Array, dict]:
   """Label-smoothed cross-entropy averaged over real (weight > 0) target tokens.
 
-  The smoothed target puts 1 - label_smoothing on the gold token and
-  label_smoothing / (V - 1) on every other token (Szegedy et al. 2016, "Rethinking the
-  Inception Architecture", section 7; as in Vaswani et al. 2017, section 5.4). The
-  entropy of that target is subtracted, so a perfect prediction of it scores 0 (as in
-  the Flax WMT example and T5X).
+  The smoothed target q puts 1 - label_smoothing on the gold token and spreads
+  label_smoothing evenly over the other tokens that can be targets: every id except
+  the gold one and `no_smoothing_ids`, which get 0 (with V = vocabulary size and n =
+  len(no_smoothing_ids), label_smoothing / (V - 1 - n) each). Label smoothing is Szegedy
+  et al. 2016 ("Rethinking the Inception Architecture", section 7), as in Vaswani et al.
+  2017, section 5.4; leaving ids that are never targets out of it follows OpenNMT-py's
+  LabelSmoothingLoss and the Annotated Transformer, which give PAD no mass (Flax WMT, T5X
+  and fairseq spread it over all V). Translation passes (PAD_ID, BOS_ID) (`get_loss`).
+  The entropy of q is subtracted, so a perfect prediction of it scores 0 (as in the Flax
+  WMT example and T5X).
 
   Args:
     logits: float [..., V] ([B, T, V] for translation, [B, C] for classification).
-    targets: int [...].
+    targets: int [...]; at weight > 0 never one of `no_smoothing_ids`.
     weights: float [...]; 0 marks padding.
     label_smoothing: in [0, 1).
+    no_smoothing_ids: ids in [0, V) that never are targets and get no smoothing mass.
 
   Returns:
     (loss, metrics): loss = sum(weights * token_loss) / sum(weights), 0 when all
     weights are 0; metrics has 'nll' (unsmoothed, per real token), 'accuracy' and
     'num_tokens' (the sum of weights).
+
+  Raises:
+    ValueError: a no_smoothing_id outside [0, V), or label_smoothing > 0 with no token
+      left to receive it (V - 1 - n < 1).
   """
   vocab_size = logits.shape[-1]
+  excluded = sorted(set(no_smoothing_ids))
+  if any(not 0 <= i < vocab_size for i in excluded):
+    raise ValueError(f'no_smoothing_ids={tuple(no_smoothing_ids)}: ids must be in [0, '
+                     f'{vocab_size})')
+  num_others = vocab_size - 1 - len(excluded)  # Tokens that get the smoothing mass.
+  if label_smoothing > 0 and num_others < 1:
+    raise ValueError(f'label_smoothing={label_smoothing}: no token to spread it over '
+                     f'(V={vocab_size}, no_smoothing_ids={tuple(no_smoothing_ids)})')
   logits = logits.astype(jnp.float32)
   # With log p_v = logits_v - lse, written so that no [B, T, V] log-probabilities are
   # materialized: every term is a reduction over the logits.
@@ -65,15 +92,25 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array,
   nll = lse - gold_logit
   if label_smoothing > 0:
     confidence = 1.0 - label_smoothing
-    low = label_smoothing / (vocab_size - 1)
-    # -sum_v q_v log p_v, with q = low everywhere and confidence at the gold token:
-    # = lse - (confidence - low) * gold_logit - low * sum_v logits_v (as sum_v q_v = 1).
-    token_loss = lse - (confidence - low) * gold_logit - low * jnp.sum(logits, axis=-1)
-    entropy = -(confidence * np.log(confidence) + (vocab_size - 1) * low * np.log(low))
+    low = label_smoothing / num_others
+    if excluded:  # A where, not a subtraction: excluded logits may be -inf.
+      smoothed = np.ones(vocab_size, bool)
+      smoothed[excluded] = False
+      logit_sum = jnp.sum(jnp.where(smoothed, logits, 0.0), axis=-1)
+    else:
+      logit_sum = jnp.sum(logits, axis=-1)
+    # -sum_v q_v log p_v, with q = low on the smoothed ids and confidence at the gold one:
+    # = lse - (confidence - low) * gold_logit - low * logit_sum (as sum_v q_v = 1).
+    token_loss = lse - (confidence - low) * gold_logit - low * logit_sum
+    entropy = -(confidence * np.log(confidence) + num_others * low * np.log(low))
     token_loss = token_loss - entropy
   else:
     token_loss = nll
   weights = weights.astype(jnp.float32)
+  # Padding positions count for nothing, even where their loss is inf (a -inf logit at
+  # the PAD target): a where, as inf * 0 is NaN.
+  real = weights > 0
+  token_loss, nll = jnp.where(real, token_loss, 0.0), jnp.where(real, nll, 0.0)
   num_tokens = jnp.sum(weights)
   denominator = jnp.maximum(num_tokens, 1e-8)
   correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
@@ -107,12 +144,18 @@ def mse(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tuple[jax.
 def get_loss(config) -> LossFn:
   """Resolves `config.loss`: 'cross_entropy', 'mse' or 'package.module:function'.
 
+  'cross_entropy' is bound to `config.label_smoothing` and, when `config.task` is one of
+  `VOCABULARY_TASKS`, to no_smoothing_ids=(PAD_ID, BOS_ID): no smoothing mass on ids that
+  are never targets.
+
   Raises:
     ConfigError: the name is neither, or the import path cannot be imported.
   """
   name = config.loss
   if name == 'cross_entropy':
-    return functools.partial(cross_entropy, label_smoothing=config.label_smoothing)
+    never = NEVER_TARGETS if config.get('task') in VOCABULARY_TASKS else ()
+    return functools.partial(cross_entropy, label_smoothing=config.label_smoothing,
+                             no_smoothing_ids=never)
   if name == 'mse':
     return mse
   module_name, sep, attr = name.partition(':')

@@ -5,11 +5,19 @@ grouped into length buckets and every batch of a bucket has one shape, so the se
 compiles once per bucket. An empty line gives an empty line. A source longer than
 `max_source_length` is translated in full (in a bucket of its own length, rounded up to a
 multiple of 64) with a warning.
+
+Sampling (`decoding='sample'`) is reproducible whatever the batching: each sentence draws
+from its own random stream, fold_in(PRNGKey(seed), `sample_ids`), which depends on the
+sentence's tokens and on how many identical sentences come before it in the input, not on
+its batch, row or neighbours. A sentence translated alone gets the same sample as in any
+file, and repeated lines get different samples.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import math
+import zlib
 
 from absl import logging
 import jax
@@ -30,6 +38,28 @@ def max_output_length(source_length, ratio: float, offset: int):
   return np.ceil(np.asarray(source_length) * ratio).astype(np.int32) + offset
 
 
+def sample_ids(sources: list[np.ndarray]) -> np.ndarray:
+  """The random-stream id of each source, for `decode.sample`'s row_ids.
+
+  The CRC-32 of the source's int32 token ids followed by its occurrence number (0 for the
+  first time these exact ids appear in `sources`, 1 for the second, ...): the id depends on
+  the sentence and on the identical sentences before it, never on the batching.
+
+  Args:
+    sources: int token ids, one array per sentence.
+
+  Returns:
+    uint32 [len(sources)].
+  """
+  seen = collections.Counter()
+  ids = np.zeros((len(sources),), np.uint32)
+  for i, source in enumerate(sources):
+    data = np.asarray(source, np.int32).tobytes()
+    ids[i] = zlib.crc32(np.uint32(seen[data]).tobytes(), zlib.crc32(data))
+    seen[data] += 1
+  return ids
+
+
 class Translator:
   """Decodes with `config.decoding` ('beam', 'greedy' or 'sample').
 
@@ -38,7 +68,7 @@ class Translator:
     params: its parameters (replicated over `mesh`).
     sp: the SentencePiece processor.
     config: the run config (max_source_length, length_bucket_step, decoding, beam_size,
-      length_penalty, temperature, top_k, decode_max_length_ratio,
+      length_penalty, temperature, top_k, top_p, decode_max_length_ratio,
       decode_max_length_offset, decode_batch_tokens, seed).
     mesh: devices; batch rows are split over its 'data' axis.
   """
@@ -62,7 +92,7 @@ class Translator:
       self._compiled[source_length] = jax.jit(
           functools.partial(_search, model=self.model, config=cfg, max_length=max_length),
           in_shardings=(sharding.replicated(self.mesh), sharding.batch_sharding(self.mesh),
-                        sharding.batch_sharding(self.mesh)),
+                        sharding.batch_sharding(self.mesh), sharding.batch_sharding(self.mesh)),
           out_shardings=sharding.batch_sharding(self.mesh))
     return self._compiled[source_length]
 
@@ -73,9 +103,12 @@ class Translator:
     return math.ceil(length / _LONG_QUANTUM) * _LONG_QUANTUM
 
   def translate_ids(self, sources: list[np.ndarray]) -> list[np.ndarray]:
-    """EOS-terminated source ids -> output ids without EOS, in the same order."""
+    """EOS-terminated source ids -> output ids without EOS (never PAD or BOS: `decode`),
+    in the same order. A sentence's output depends on it alone (and, sampling, on the
+    identical sentences before it: `sample_ids`), not on the batching."""
     cfg = self.config
     outputs: list[np.ndarray | None] = [None] * len(sources)
+    streams = sample_ids(sources)
     by_bucket: dict[int, list[int]] = {}
     for i, ids in enumerate(sources):
       by_bucket.setdefault(self._bucket(len(ids)), []).append(i)
@@ -91,8 +124,12 @@ class Translator:
         caps[:len(chunk)] = max_output_length([len(sources[i]) for i in chunk],
                                               cfg.decode_max_length_ratio,
                                               cfg.decode_max_length_offset)
-        batch = sharding.put_batch({'inputs': inputs, 'caps': caps}, self.mesh)
-        seqs = np.asarray(jax.device_get(search(self.params, batch['inputs'], batch['caps'])))
+        row_ids = np.zeros((rows,), np.uint32)  # Padding rows: outputs thrown away.
+        row_ids[:len(chunk)] = streams[chunk]
+        batch = sharding.put_batch({'inputs': inputs, 'caps': caps, 'row_ids': row_ids},
+                                   self.mesh)
+        seqs = np.asarray(jax.device_get(search(self.params, batch['inputs'], batch['caps'],
+                                                batch['row_ids'])))
         for row, i in enumerate(chunk):
           out = seqs[row]
           end = np.flatnonzero(out == EOS_ID)
@@ -116,9 +153,10 @@ class Translator:
     return results
 
 
-def _search(params, inputs: jax.Array, caps: jax.Array, *, model: models.Transformer, config,
-            max_length: int) -> jax.Array:
-  """inputs int32 [B, S], caps int32 [B] -> best sequences int32 [B, max_length]."""
+def _search(params, inputs: jax.Array, caps: jax.Array, row_ids: jax.Array, *,
+            model: models.Transformer, config, max_length: int) -> jax.Array:
+  """inputs int32 [B, S], caps int32 [B], row_ids uint32 [B] (each row's random stream,
+  `sample_ids`; sampling only) -> best sequences int32 [B, max_length]."""
   cache = model.apply({'params': params}, inputs, max_length, method=models.Transformer.init_cache)
 
   def tokens_to_logits(tokens, cache, index):
@@ -132,4 +170,4 @@ def _search(params, inputs: jax.Array, caps: jax.Array, *, model: models.Transfo
     return seqs[:, 0]
   rng = jax.random.PRNGKey(config.seed) if config.decoding == 'sample' else None
   return decode.sample(tokens_to_logits, cache, caps, max_length, rng, config.temperature,
-                       config.top_k)
+                       config.top_k, config.top_p, row_ids)
