@@ -4,7 +4,7 @@ Both set the run's task up from its workdir (tokenizer, model shape) and load a
 checkpoint: the best by the task's metric (`best`, falling back to the latest when the
 metric was never computed), the latest (`latest`), or the average of the parameters of
 the last k checkpoints (`config.average_checkpoints` = k > 1; Vaswani et al. 2017,
-section 6.1).
+section 6.1), accumulated in float32 (`average_params`).
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any, TextIO
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 
 from transformer_jax import checkpoints
 from transformer_jax import optim
@@ -40,8 +41,8 @@ def load_task(config, workdir: str, checkpoint: str = 'best') -> tuple[tasks.Tas
       steps = latest.all_steps()[-config.average_checkpoints:]
       if not steps:
         raise FileNotFoundError(f'{latest.directory}: no checkpoints')
-      params = [checkpoints.restore(latest, state, s).params for s in steps]
-      averaged = jax.tree.map(lambda *p: sum(p) / len(p), *params)
+      averaged = average_params([checkpoints.restore(latest, state, s).params
+                                 for s in steps])
       if len(steps) < config.average_checkpoints:
         logging.warning('Averaging %d checkpoints, fewer than the %d asked for', len(steps),
                         config.average_checkpoints)
@@ -56,6 +57,37 @@ def load_task(config, workdir: str, checkpoint: str = 'best') -> tuple[tasks.Tas
   finally:
     latest.close()
     best.close()
+
+
+def average_params(trees: list[Any]) -> Any:
+  """The elementwise mean of k parameter pytrees of one structure (the last k
+  checkpoints; Vaswani et al. 2017, section 6.1), accumulated in float32 whatever the
+  leaves' dtype: a bfloat16 sum of k values near 1.0 rounds to multiples of 2**-7 and
+  more, losing the differences being averaged.
+
+  Args:
+    trees: k >= 1 pytrees with the same structure and shapes.
+
+  Returns:
+    Their mean: each floating leaf float32 (or float64 if the leaves are), the sum
+    (x_1 + ... + x_k) / k in that dtype; other leaves are taken from the last tree.
+
+  Raises:
+    ValueError: `trees` is empty.
+  """
+  if not trees:
+    raise ValueError('average_params: no parameter trees to average')
+
+  def mean(*leaves):
+    if not jnp.issubdtype(leaves[-1].dtype, jnp.floating):
+      return leaves[-1]
+    dtype = jnp.promote_types(leaves[-1].dtype, optim.MASTER_DTYPE)
+    total = jnp.asarray(leaves[0], dtype)
+    for leaf in leaves[1:]:
+      total = total + jnp.asarray(leaf, dtype)
+    return total / len(leaves)
+
+  return jax.tree.map(mean, *trees)
 
 
 def run_eval(config, workdir: str, split: str, checkpoint: str = 'best') -> dict:

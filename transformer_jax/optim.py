@@ -7,28 +7,86 @@ import optax
 
 
 def learning_rate_schedule(config) -> optax.Schedule:
-  """Linear warmup from 0 to `config.learning_rate` over `warmup_steps`, then decay.
+  """The learning rate of each optimizer update: linear warmup, then `config.schedule`.
 
-  'rsqrt': lr * sqrt(warmup_steps / step) (Vaswani et al. 2017, eq. 3, rescaled so the
-  peak equals `learning_rate`); 'cosine': cosine decay to 0 at `num_train_steps`
-  (Loshchilov & Hutter 2017); 'linear': linear decay to 0 at `num_train_steps` (BERT
-  fine-tuning, Devlin et al. 2019); 'constant': stays at the peak.
+  The schedule is indexed like Optax's step count: `schedule(k)` (k = 0, 1, ...; an int
+  or an int32 array) is the rate of update n = k + 1, the one that takes the train state
+  from step k to step k + 1, so `train_step` logs `schedule(state.step)`. With
+  W = max(`warmup_steps`, 1) (0 and 1 both mean no warmup), N = `num_train_steps` and
+  lr = `learning_rate`, update n has rate
+
+    lr * min(n / W, 1) * decay(n)
+
+  so the first update already moves the parameters (at lr / W; a schedule evaluated at
+  the update's 0-based count would give it rate 0 and waste it), and the rate peaks at lr
+  at update W. decay(n) is 1 up to update W, then:
+
+    'rsqrt':    sqrt(W / n): Vaswani et al. 2017, eq. 3 (step_num = n, counted
+                from 1) rescaled so the peak equals lr;
+    'cosine':   (1 + cos(pi * t)) / 2 (Loshchilov & Hutter 2017);
+    'linear':   1 - t (BERT, Devlin et al. 2019);
+    'constant': 1;
+
+  with t = (n - W) / (N + 1 - W) in [0, 1]. 'linear' and 'cosine' reach 0 at update
+  N + 1, the one that never runs: the last update N still moves the parameters, at
+  lr / (N + 1 - W) for 'linear' (lr * (1 + cos(pi * (N - W) / (N + 1 - W))) / 2 for
+  'cosine'). The schedule's zeros, updates 0 and N + 1, are never applied. (Shifting
+  only the warmup of a 0-based schedule would give lr to updates W and W + 1 and
+  lr / (N - W) to the last; this keeps one peak.)
+
+  Raises:
+    ValueError: an unknown `config.schedule`.
   """
-  peak, warmup = config.learning_rate, config.warmup_steps
-  warmup_fn = optax.linear_schedule(0.0, peak, max(warmup, 1))
-  if config.schedule == 'rsqrt':
-    w = max(warmup, 1)
-    decay_fn = lambda count: peak * jnp.sqrt(w / jnp.maximum(count + w, w))
-  elif config.schedule == 'cosine':
-    decay_fn = optax.cosine_decay_schedule(peak, max(config.num_train_steps - warmup, 1))
-  elif config.schedule == 'linear':
-    decay_fn = optax.linear_schedule(peak, 0.0, max(config.num_train_steps - warmup, 1))
-  elif config.schedule == 'constant':
-    decay_fn = optax.constant_schedule(peak)
-  else:
-    raise ValueError(f"config.schedule={config.schedule!r}: use 'rsqrt', 'cosine', 'linear' "
-                     "or 'constant'")
-  return optax.join_schedules([warmup_fn, decay_fn], [warmup])
+  peak, warmup = float(config.learning_rate), max(config.warmup_steps, 1)
+  span = max(config.num_train_steps + 1 - warmup, 1)  # Updates W..N+1: t from 0 to 1.
+  kind = config.schedule
+  if kind not in ('rsqrt', 'cosine', 'linear', 'constant'):
+    raise ValueError(f"config.schedule={kind!r}: use 'rsqrt', 'cosine', 'linear' or "
+                     "'constant'")
+
+  def schedule(count):
+    n = jnp.asarray(count, jnp.float32) + 1.0  # The update's number, from 1.
+    rate = peak * jnp.minimum(n / warmup, 1.0)
+    t = jnp.clip((n - warmup) / span, 0.0, 1.0)
+    if kind == 'rsqrt':
+      return rate * jnp.sqrt(warmup / jnp.maximum(n, warmup))
+    if kind == 'cosine':
+      return rate * 0.5 * (1.0 + jnp.cos(jnp.pi * t))
+    if kind == 'linear':
+      return rate * (1.0 - t)
+    return rate
+
+  return schedule
+
+
+# Parameters, gradients and optimizer state are kept in float32 whatever
+# `config.param_dtype` is: in bfloat16 an AdamW update of lr = 1e-4 rounds away (the
+# bfloat16 values below 1.0 are 2**-8 apart), and float16 flushes adam_eps = 1e-9 to 0
+# (a zero gradient then gives 0 / 0 = NaN).
+MASTER_DTYPE = jnp.float32
+
+
+def to_master(params):
+  """`params` with every floating leaf narrower than float32 (bfloat16, float16) cast to
+  float32 (`MASTER_DTYPE`), other leaves as they are: the master copy the train state,
+  the optimizer and the checkpoints hold.
+
+  Mixed precision as in T5X and MaxText (Micikevicius et al. 2018, section 3.1: float32
+  master weights): the model's layers cast these to `config.dtype` when they compute.
+  """
+  return jax.tree.map(lambda x: x.astype(MASTER_DTYPE) if _narrow(x) else x, params)
+
+
+def _narrow(x) -> bool:
+  return jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32
+
+
+def low_precision_leaves(params) -> list[str]:
+  """'path: dtype' of each floating leaf of `params` narrower than float32 (bfloat16,
+  float16, ...), which `to_master` would widen; [] for master weights."""
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  return [f'{jax.tree_util.keystr(path)}: {x.dtype}' for path, x in flat
+          if _narrow(x)]
 
 
 def weight_decay_mask(params) -> dict:
@@ -47,7 +105,8 @@ def make_optimizer(config) -> optax.GradientTransformation:
     al. 2013) and the same masked weight decay, added to the gradient (L2) before the
     momentum, as `torch.optim.SGD` does.
 
-  Both follow `learning_rate_schedule(config)`.
+  Both follow `learning_rate_schedule(config)`. Give it float32 parameters and
+  gradients (`to_master`): its state then is float32 too.
   """
   schedule = learning_rate_schedule(config)
   if config.optimizer == 'sgd':
