@@ -22,12 +22,12 @@ def get_config(variant: str = ''):
   c.init_from = 'hf:' + bert_dir()
   c.pooling = 'mean'          # As all-MiniLM-L6-v2 was trained.
   c.max_length = 128
-  c.max_tokens_per_batch = 1024
-  c.learning_rate = 1e-4
-  c.warmup_steps = 150
-  c.num_train_steps = 1500
-  c.eval_every_steps = 150
-  c.checkpoint_every_steps = 300
+  c.max_tokens_per_batch = 512  # 4 to 64 sentences: run 3 of docs/benchmarks.md.
+  c.learning_rate = 5e-5
+  c.warmup_steps = 300
+  c.num_train_steps = 5000
+  c.eval_every_steps = 250
+  c.checkpoint_every_steps = 500
   # The architecture comes from the checkpoint; these fields only document it.
   c.d_model, c.num_heads, c.d_ff, c.num_encoder_layers = 384, 12, 1536, 6
   if variant == 'tiny':
