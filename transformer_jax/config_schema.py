@@ -110,6 +110,7 @@ TRANSLATION_SCHEMA = {
     'decode_max_length_offset': (int, (lambda v: v >= 1, 'must be >= 1')),
     'decode_batch_tokens': (int, _positive),
     'bleu_every_steps': (int, _non_negative),
+    'spm_byte_fallback': (bool, _any),  # New tokenizers only (tokenizer.train).
 }
 
 _labels = (lambda v: all(isinstance(x, str) and x for x in v) and len(set(v)) == len(v),
@@ -189,7 +190,8 @@ def validate(config) -> None:
     ConfigError: naming the first field that is unknown, missing, of the wrong type
       (ints are accepted for floats) or out of range, or d_model not divisible by
       num_heads, or (translation) source_lang == target_lang, or (classification,
-      tagging) labels that disagree with num_labels.
+      tagging) labels that disagree with num_labels, or cadences the loop cannot honour
+      (`check_cadences`).
   """
   if not isinstance(config.get('task'), str):
     raise ConfigError('config.task: missing field (translation, classification, tagging or '
@@ -223,6 +225,7 @@ def validate(config) -> None:
   if 'labels' in schema and config.labels and config.labels_file:
     raise ConfigError(f'config.labels_file={config.labels_file!r}: config.labels is set too '
                       f'({tuple(config.labels)!r}); pass --config.labels="()" to use the file')
+  check_cadences(config)
 
 
 # Fields that fix the shapes of the parameters: eval/translate must use the trained values.
@@ -275,3 +278,125 @@ def check_model_config(config, workdir: str) -> None:
     if name in trained and name in config and config[name] != trained[name]:
       raise ConfigError(f'config.{name}={config[name]!r}, but the model in {workdir} was '
                         f'trained with {trained[name]!r}: pass --config.{name}={trained[name]}')
+
+
+# --- Resuming: the config a run started with (`{workdir}/run_config.json`) ---------------
+#
+# A rerun with the same workdir resumes the latest checkpoint. Every field is in one of two
+# lists. Changing a RESUME_FIXED_FIELDS field would continue the checkpoint as a different
+# run (another model, objective, optimizer, tokenizer, or other batches in another order), so
+# `check_run_config` refuses it; RESUME_FREE_FIELDS change only how long the run goes, how
+# often it evaluates, logs and saves, and how it evaluates and decodes, so they may change on
+# resume (with a console warning). A field in neither list (a user task's `FIELDS`) counts as
+# fixed.
+RESUME_FIXED_FIELDS = (
+    # What is trained, and on which objective.
+    'task', 'loss', 'label_smoothing',
+    # The training data and its order (batch k of the stream depends on all of these).
+    'data_dir', 'dataset_name', 'source_lang', 'target_lang', 'train_split', 'train_fraction',
+    'train_files', 'train_weights', 'truncate', 'max_source_length', 'max_target_length',
+    'max_length', 'max_tokens_per_batch', 'length_bucket_step', 'pack_examples',
+    'shuffle_buffer_size', 'seed',
+    # Labels of the encoder tasks, and how they are read.
+    'num_labels', 'labels', 'labels_file', 'text_column', 'label_column', 'tag_column',
+    'repair_iob',
+    # Noising of the pretraining objectives.
+    'noise_density', 'mean_noise_span_length', 'mask_ratio', 'poisson_lambda', 'mask_prob',
+    'whole_word_masking',
+    # The tokenizer.
+    'vocab_size', 'spm_model_type', 'spm_max_sentences', 'spm_character_coverage',
+    'spm_byte_fallback', 'num_sentinels',
+    # The model (shape, computation, dropout).
+    'd_model', 'num_heads', 'd_ff', 'num_encoder_layers', 'num_decoder_layers',
+    'share_embeddings', 'pooling', 'dropout_rate', 'attention_dropout_rate', 'dtype',
+    'param_dtype',
+    # Its initialization (read once, at the first start).
+    'init_from', 'init_rules', 'init_strict',
+    # The optimizer (its state in the checkpoint) and its schedule.
+    'optimizer', 'learning_rate', 'warmup_steps', 'schedule', 'adam_b1', 'adam_b2',
+    'adam_eps', 'momentum', 'nesterov', 'weight_decay', 'max_grad_norm',
+)
+RESUME_FREE_FIELDS = (
+    # How long the run goes, and the cadences (`train.cadence`).
+    'num_train_steps', 'eval_every_steps', 'bleu_every_steps', 'checkpoint_every_steps',
+    'log_every_steps', 'keep_checkpoints', 'patience',
+    # Evaluation and the final test.
+    'eval_split', 'eval_files', 'num_eval_batches', 'test_split', 'average_checkpoints',
+    # Decoding.
+    'decoding', 'beam_size', 'length_penalty', 'temperature', 'top_k', 'top_p',
+    'decode_max_length_ratio', 'decode_max_length_offset', 'decode_batch_tokens',
+    # Where prepared data is cached; the peak FLOP/s the MFU is computed against.
+    'tfds_data_dir', 'peak_flops_per_device',
+)
+RUN_CONFIG_FILE = 'run_config.json'
+
+
+def _jsonable(value):
+  """`value` as it reads back from JSON (tuples become lists)."""
+  return json.loads(json.dumps(value, default=repr))
+
+
+def save_run_config(config, workdir: str) -> None:
+  """Writes every field of `config` to {workdir}/run_config.json, atomically (a temporary
+  file renamed): the config the run started with, which `check_run_config` compares a
+  resumed run's config to."""
+  record = {name: _jsonable(config[name]) for name in sorted(config.keys())}
+  path = os.path.join(workdir, RUN_CONFIG_FILE)
+  with open(path + '.tmp', 'w', encoding='utf-8') as f:
+    json.dump(record, f, indent=1)
+  os.replace(path + '.tmp', path)
+
+
+def load_run_config(workdir: str) -> dict | None:
+  """{workdir}/run_config.json as written by `save_run_config` (None if absent)."""
+  path = os.path.join(workdir, RUN_CONFIG_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding='utf-8') as f:
+    return json.load(f)
+
+
+def check_run_config(config, started: dict, workdir: str) -> list[tuple[str, Any, Any]]:
+  """Compares the config of a resumed run with the one it `started` with.
+
+  Fields present in only one of them (added or removed by another version) are not
+  compared.
+
+  Args:
+    config: the config of the rerun.
+    started: `load_run_config(workdir)`.
+    workdir: the run's folder, for the message.
+
+  Returns:
+    (name, old value, new value) of each changed RESUME_FREE_FIELDS field, in name order.
+
+  Raises:
+    ConfigError: one line naming every changed field that is not free to change
+      (RESUME_FIXED_FIELDS and unlisted ones) with its old and new value.
+  """
+  changed = [(name, started[name], _jsonable(config[name])) for name in sorted(config.keys())
+             if name in started and _jsonable(config[name]) != started[name]]
+  fixed = [(name, old, new) for name, old, new in changed if name not in RESUME_FREE_FIELDS]
+  if fixed:
+    fields = ', '.join(f'config.{name}={new!r} (started with {old!r})'
+                       for name, old, new in fixed)
+    raise ConfigError(
+        f'{fields}: the run in {workdir} cannot resume with '
+        f'{"this change" if len(fixed) == 1 else "these changes"}, which would change its '
+        'model, optimizer or data order; pass the values it started with, or train in a new '
+        f'--workdir (--config.init_from={workdir} starts from its parameters)')
+  return changed
+
+
+def check_cadences(config) -> None:
+  """Refuses cadence combinations the training loop cannot honour (`train.cadence` honours
+  every eval, BLEU, checkpoint and log cadence by itself).
+
+  Raises:
+    ConfigError: patience > 0 with BLEU turned off (bleu_every_steps=0), where patience
+      counts BLEU evaluations and would never stop the run.
+  """
+  if config.get('patience') and config.get('bleu_every_steps', None) == 0:
+    raise ConfigError(f'config.patience={config.patience}: counts validation BLEU '
+                      'evaluations, but config.bleu_every_steps=0 computes none; set '
+                      'bleu_every_steps > 0 or patience=0')

@@ -5,11 +5,14 @@ jit-compiled train step (the task's loss, the optimizer), logs train metrics,
 throughput and MFU (progress bar, TensorBoard, train.log), evaluates every
 `eval_every_steps` with the task's `evaluate`, keeps the best checkpoint by the task's
 `best_metric`, stops after `patience` evaluations without improvement, checkpoints with
-Orbax, resumes exactly, stops cleanly on Ctrl-C, and finally scores `config.test_split`
-with the best checkpoint.
+Orbax (every cadence fires at its own multiples: `cadence`), resumes exactly (refusing a
+config that would change the model or the data order: `config_schema.check_run_config`),
+stops cleanly on Ctrl-C, and finally scores `config.test_split` with the best checkpoint.
+The progress bar counts finished steps: at most MAX_STEPS_IN_FLIGHT are dispatched ahead.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import logging as py_logging
@@ -64,8 +67,19 @@ def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn,
 
   Returns:
     The new state and scalar metrics: the loss function's, plus 'loss', 'grad_norm'
-    and 'learning_rate'.
+    and 'learning_rate', the rate this update applied: `schedule(state.step)`, which
+    is Optax's `schedule(count)` as the optimizer's count equals the state's step.
+
+  Raises:
+    ValueError: (when traced) a floating parameter narrower than float32: small
+      updates round away in bfloat16 and adam_eps underflows in float16
+      (`optim.MASTER_DTYPE`; `create_state` makes float32 master weights).
   """
+  low = optim.low_precision_leaves(state.params)
+  if low:
+    raise ValueError(f'train_step needs float32 (master) parameters, got {low[0]}'
+                     f'{f" and {len(low) - 1} more" if len(low) > 1 else ""}: build the '
+                     'state with create_state (the model computes in config.dtype)')
   dropout_rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params, batch, dropout_rng)
@@ -97,11 +111,19 @@ class _LogFile:
 def create_state(task: tasks.Task, optimizer: optax.GradientTransformation, seed: int,
                  mesh, pretrained: bool = False) -> TrainState:
   """A freshly initialized state (the task's `init_params`, and with `pretrained` its
-  `load_pretrained`) replicated over `mesh`."""
+  `load_pretrained`) replicated over `mesh`.
+
+  The parameters are float32 master weights whatever `config.param_dtype` is
+  (`optim.to_master`): the model initializes them in param_dtype, and they are cast to
+  float32 before pretrained values are loaded (so those load without rounding), the
+  optimizer state is initialized from them (float32 moments), and checkpoints of the
+  state store float32. Restoring a checkpoint into this state casts what it stored.
+  """
   replicated = sharding.replicated(mesh)
-  params = jax.jit(task.init_params, out_shardings=replicated)(jax.random.PRNGKey(seed))
+  params = jax.jit(lambda rng: optim.to_master(task.init_params(rng)),
+                   out_shardings=replicated)(jax.random.PRNGKey(seed))
   if pretrained:
-    params = jax.device_put(task.load_pretrained(params), replicated)
+    params = jax.device_put(optim.to_master(task.load_pretrained(params)), replicated)
   return TrainState(step=jax.device_put(jax.numpy.array(0, jax.numpy.int32), replicated),
                     params=params,
                     opt_state=jax.jit(optimizer.init, out_shardings=replicated)(params))
@@ -148,12 +170,16 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   """Trains `config` (any task) in `workdir`, resuming from its latest checkpoint if there
   is one.
 
-  Writes the task's files (tokenizer/, model_config.json, outputs), checkpoints/, best/
-  (best by the task's metric), tensorboard/ and train.log. At the end, scores
+  Writes the task's files (tokenizer/, model_config.json, outputs), run_config.json (the
+  config of the first start), checkpoints/, best/ (best by the task's metric),
+  tensorboard/ and train.log. On resume, says so on the console (step and checkpoint
+  folder) with the config fields changed since the first start. At the end, scores
   `config.test_split` with the best checkpoint. Returns the final train state.
 
   Raises:
-    config_schema.ConfigError: a bad config field (before any work is done).
+    config_schema.ConfigError: a bad config field (before any work is done), or on
+      resume fields changed that would change the model, optimizer or data order
+      (`config_schema.check_run_config`).
     multi30k.DataError: bad input data, naming the file and line.
   """
   config_schema.validate(config)
@@ -162,16 +188,142 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     return _train(config, workdir)
 
 
-class _StopOnInterrupt:
-  """Ctrl-C (SIGINT) during training stops the loop between steps: the first one sets
-  `requested` and the loop raises KeyboardInterrupt after the current step (and its eval or
-  checkpoint) has finished, so no checkpoint write is cut in half; a second one raises at
-  once. Installed when built, until `restore`; only in the main thread (signal handlers
-  live there), elsewhere a no-op."""
+# Train steps that may be in flight at once (JAX dispatches them asynchronously): the loop
+# waits for step n - 2 to finish before dispatching step n. Two keep the device busy while
+# the host prepares the next batch; more only let the progress bar and a Ctrl-C run ahead
+# of the computation.
+MAX_STEPS_IN_FLIGHT = 2
 
-  def __init__(self, bar: tqdm.tqdm):
-    self.requested = False
+
+def cadence(step: int, config, metric_every_steps: int) -> set[str]:
+  """What the loop does after train step `step` (counted from 1; the state then holds
+  `step` updates), from the config's cadence fields. Every cadence fires at each multiple
+  of its period, whatever the other periods are.
+
+  Args:
+    step: the step just dispatched, in 1..config.num_train_steps.
+    config: the run config (eval_every_steps, log_every_steps, checkpoint_every_steps,
+      num_train_steps).
+    metric_every_steps: the task's `metric_every_steps`: the period of the evaluations
+      that compute its `best_metric` (translation: `bleu_every_steps`); 0 = never.
+
+  Returns:
+    A subset of:
+      'metric': an evaluation with the task's `best_metric` (the best checkpoint, patience):
+        every `metric_every_steps`, and at the last step unless that is 0. (The task's
+        `evaluate` computes it at these steps: translation's BLEU at step % bleu_every_steps
+        == 0 or the last step.)
+      'eval': the task's `evaluate` (validation metrics, the eval line): every
+        `eval_every_steps`, at every 'metric' step, and at the last step.
+      'log': train metrics to TensorBoard, the bar and train.log: every `log_every_steps`
+        and at every 'eval' step (its line shows them).
+      'checkpoint': every `checkpoint_every_steps`, and at the last step.
+      'last': step == num_train_steps.
+  """
+  last = step == config.num_train_steps
+  events = {'last'} if last else set()
+  if metric_every_steps and (step % metric_every_steps == 0 or last):
+    events.add('metric')
+  if step % config.eval_every_steps == 0 or last or 'metric' in events:
+    events.add('eval')
+  if step % config.log_every_steps == 0 or 'eval' in events:
+    events.add('log')
+  if step % config.checkpoint_every_steps == 0 or last:
+    events.add('checkpoint')
+  return events
+
+
+def _wait_ready(tree) -> None:
+  """Blocks until every array of `tree` is computed.
+
+  Polls (`jax.Array.is_ready`, sleeping up to 20 ms) instead of `jax.block_until_ready`,
+  which waits in C++: a Ctrl-C's Python handler only runs when the main thread runs Python
+  again, so during a blocking wait a second Ctrl-C could not quit at once.
+  """
+  delay = 1e-4
+  for leaf in jax.tree.leaves(tree):
+    while isinstance(leaf, jax.Array) and not leaf.is_ready():
+      time.sleep(delay)
+      delay = min(2 * delay, 0.02)
+
+
+class _InFlight:
+  """The train steps dispatched whose results are not yet known to be computed, oldest
+  first: (step, metrics).
+
+  `wait(keep)` waits until only the newest `keep` remain and calls `on_done(step)` for
+  each step found computed, in order: the loop counts (progress bar, steps/s) finished
+  steps, not dispatched ones, and bounds the steps in flight by waiting before each
+  dispatch.
+  """
+
+  def __init__(self, on_done: Callable[[int], None]):
+    self.steps = collections.deque()
+    self._on_done = on_done
+
+  def add(self, step: int, metrics: dict) -> None:
+    self.steps.append((step, metrics))
+
+  def wait(self, keep: int = 0) -> None:
+    while len(self.steps) > keep:
+      step, metrics = self.steps[0]
+      _wait_ready(metrics)
+      self.steps.popleft()
+      self._on_done(step)
+
+
+def _complete_checkpoints(directory: str) -> list[int]:
+  """The steps of the complete checkpoints in `directory`, ascending. Orbax writes a
+  checkpoint to a temporary folder (STEP.orbax-checkpoint-tmp-...) and renames it to STEP
+  when complete, so a folder named by a number is complete."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory)
+                if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
+
+
+def _rerun(directory: str) -> str:
+  """What a rerun restores now: 'a rerun resumes from step S, the latest complete
+  checkpoint (DIR/S)', or that it starts from scratch."""
+  steps = _complete_checkpoints(directory)
+  if not steps:
+    return 'a rerun starts from scratch (no complete checkpoint)'
+  return (f'a rerun resumes from step {steps[-1]}, the latest complete checkpoint '
+          f'({os.path.join(directory, str(steps[-1]))})')
+
+
+def _flush_logs() -> None:
+  for handler in (*logging.get_absl_logger().handlers, *py_logging.getLogger().handlers):
+    handler.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+
+
+class _StopOnInterrupt:
+  """Ctrl-C (SIGINT) during training.
+
+  The first Ctrl-C stops training without cutting a checkpoint write in half: the loop
+  dispatches no further step (`requested`), or, if it comes during an evaluation
+  (`abandonable`), the evaluation is abandoned at once (KeyboardInterrupt). The loop then
+  saves the last dispatched step (`step`): at most MAX_STEPS_IN_FLIGHT steps to finish,
+  then a save. A second Ctrl-C quits at once (os._exit(130)), saying from which complete
+  checkpoint a rerun resumes. Every message names the steps exactly.
+
+  Installed when built, until `restore`; only in the main thread (signal handlers live
+  there), elsewhere a no-op.
+
+  Attributes:
+    requested: a first Ctrl-C came.
+    step: the last dispatched step: the one an interrupted run saves.
+    abandonable: the loop is in an evaluation, which a first Ctrl-C cuts short.
+    saving: the interrupted run is saving `step`.
+  """
+
+  def __init__(self, bar: tqdm.tqdm, checkpoint_dir: str, step: int):
+    self.requested = self.abandonable = self.saving = False
+    self.step = step
     self._bar = bar
+    self._dir = checkpoint_dir
     self._previous = None
     if threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGINT, self._handle)
@@ -180,14 +332,33 @@ class _StopOnInterrupt:
     """Puts the previous SIGINT handler back."""
     if self._previous is not None:
       signal.signal(signal.SIGINT, self._previous)
+      self._previous = None
 
   def _handle(self, signum, frame) -> None:
     del signum, frame
     if self.requested:
-      raise KeyboardInterrupt
+      self._quit()
     self.requested = True
-    self._bar.write('Ctrl-C: stopping after this step and saving a checkpoint '
-                    '(press Ctrl-C again to stop at once)')
+    again = 'a second Ctrl-C quits at once, without saving it'
+    if self.abandonable:
+      _log(self._bar, f'Ctrl-C: abandoning the evaluation of step {self.step}; saving step '
+                      f'{self.step} ({again})')
+      raise KeyboardInterrupt
+    _log(self._bar, f'Ctrl-C: no further step; saving step {self.step} when it is '
+                    f'computed ({again})')
+
+  def _quit(self) -> None:
+    """The second Ctrl-C: says what a rerun restores, and exits at once."""
+    steps = _complete_checkpoints(self._dir)
+    if steps and steps[-1] == self.step:
+      message = (f'Interrupted again after saving step {self.step}: a rerun resumes from it '
+                 f'({os.path.join(self._dir, str(self.step))})')
+    else:
+      message = (f'Interrupted again {"while" if self.saving else "before"} saving step '
+                 f'{self.step}: {_rerun(self._dir)}')
+    _log(self._bar, message)
+    _flush_logs()
+    os._exit(130)  # Waiting for the computation or the writer threads would take long.
 
 
 class _Throughput:
@@ -222,9 +393,10 @@ class _Throughput:
 
 
 def _summarize(pending: list[dict], throughput: _Throughput) -> dict:
-  """Means of the per-step train metrics since the last log, plus throughput and MFU."""
-  # Steps run asynchronously: wait for the last one, or the clock reads dispatch time.
-  jax.block_until_ready(pending[-1])
+  """Means of the per-step train metrics since the last log, plus throughput and MFU.
+  The steps of `pending` must have finished (`_InFlight.wait(0)`): the clock would
+  otherwise read dispatch time."""
+  _wait_ready(pending[-1])
   rates = throughput.summary()
   summary = {k: float(np.mean(v)) for k, v in
              jax.tree.map(lambda *x: np.stack(x), *jax.device_get(pending)).items()}
@@ -244,15 +416,43 @@ def _log(bar: tqdm.tqdm, message: str) -> None:
   logging.info(message)
 
 
+def _check_run_config(config, workdir: str, resuming: bool) -> list[tuple[str, Any, Any]]:
+  """At the first start records the config in {workdir}/run_config.json; on resume
+  compares the config with it (`config_schema.check_run_config`).
+
+  Returns:
+    The changed fields that are free to change on resume: (name, old, new).
+
+  Raises:
+    config_schema.ConfigError: fields changed that would change the model, optimizer or
+      data order of the resumed run.
+  """
+  started = config_schema.load_run_config(workdir)
+  if resuming and started is not None:
+    return config_schema.check_run_config(config, started, workdir)
+  if resuming:  # A workdir of a version that did not record the config.
+    logging.info('%s has checkpoints but no %s: recording this config', workdir,
+                 config_schema.RUN_CONFIG_FILE)
+  config_schema.save_run_config(config, workdir)
+  return []
+
+
+def _train_line(step: int, train: dict) -> str:
+  return (f"train step {step}: loss {train['loss']:.4f}, {train['steps_per_second']:.2f} "
+          f"steps/s, {train['tokens_per_second']:.0f} tok/s")
+
+
 def _train(config, workdir: str) -> TrainState:
   mesh = sharding.make_mesh()
   logging.info('Devices: %s; malloc huge pages: %s', mesh.devices,
                'on' if hugepages.active() else 'off')
+  manager = checkpoints.make_manager(workdir, config.keep_checkpoints)
+  resuming = manager.latest_step() is not None
+  config_changes = _check_run_config(config, workdir, resuming)
   task = tasks.create(config, workdir, mesh)
   task.setup(training=True)
 
   optimizer = optim.make_optimizer(config)
-  manager = checkpoints.make_manager(workdir, config.keep_checkpoints)
   state = create_state(task, optimizer, config.seed, mesh,
                        pretrained=manager.latest_step() is None)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -277,39 +477,55 @@ def _train(config, workdir: str) -> TrainState:
   writer = tensorboard.SummaryWriter(os.path.join(workdir, 'tensorboard'))
   bar = tqdm.tqdm(total=config.num_train_steps, initial=start_step, unit='step',
                   dynamic_ncols=True, desc='train')
-  pending, shapes = [], set()
+  checkpoint_dir = str(manager.directory)
+  if resuming:
+    _log(bar, f'Resuming from step {start_step}: restored '
+              f'{os.path.join(checkpoint_dir, str(start_step))}')
+  if config_changes:
+    _log(bar, 'Config changed since the run started (allowed on resume): ' + ', '.join(
+        f'{name} {old!r} -> {new!r}' for name, old, new in config_changes))
+  pending, shapes, train_summary = [], set(), {}
+  in_flight = _InFlight(lambda _: bar.update(1))  # The bar counts finished steps.
   throughput.reset()
-  interrupt = _StopOnInterrupt(bar)
+  interrupt = _StopOnInterrupt(bar, checkpoint_dir, start_step)
   try:
     for step in range(start_step + 1, config.num_train_steps + 1):
+      events = cadence(step, config, task.metric_every_steps)
       batch = next(train_iter)
       throughput.add(task.batch_stats(batch))
-      last = step == config.num_train_steps
-      do_eval = step % config.eval_every_steps == 0 or last
-      do_log = step % config.log_every_steps == 0 or do_eval
       shape = tuple(sorted((k, v.shape) for k, v in batch.items()))
       compiles = shape not in shapes  # jit compiles once per batch shape.
       if compiles:
         shapes.add(shape)
         logging.info('Compiling the train step for batch shape %s (%d so far)', shape,
                      len(shapes))
+      in_flight.wait(MAX_STEPS_IN_FLIGHT - 1)  # Step n - 2 has finished.
+      if interrupt.requested:
+        raise KeyboardInterrupt
+      interrupt.step = step  # From here on the state is step's.
       state, metrics = p_train_step(state, sharding.put_batch(batch, mesh))
+      in_flight.add(step, metrics)
       pending.append(metrics)
-      bar.update(1)
-      if compiles and not do_log:  # Compile time is not training time.
-        jax.block_until_ready(metrics)
+      if compiles and 'log' not in events:  # Compile time is not training time.
+        in_flight.wait()
         throughput.reset()
 
-      if do_log:
+      if 'log' in events:
+        in_flight.wait()
         train_summary = _summarize(pending, throughput)
         for name, value in train_summary.items():
           writer.scalar(f'train/{name}', value, step)
         bar.set_postfix(loss=f"{train_summary['loss']:.3f}",
                         tok_s=f"{train_summary['tokens_per_second']:.0f}")
+        logging.info('%s', _train_line(step, train_summary))
         pending = []
 
-      if do_eval:
-        result, report = task.evaluate(state.params, step, last)
+      if 'eval' in events:
+        interrupt.abandonable = True  # A first Ctrl-C abandons the evaluation.
+        try:
+          result, report = task.evaluate(state.params, step, 'last' in events)
+        finally:
+          interrupt.abandonable = False
         improved = task.best_metric in result and best.update(state, result[task.best_metric])
         for name, value in result.items():
           writer.scalar(f'eval/{name}', value, step)
@@ -318,36 +534,33 @@ def _train(config, workdir: str) -> TrainState:
         if report:
           _log(bar, report)
 
-      stop_early = bool(config.patience and task.best_metric and
+      stop_early = bool('metric' in events and config.patience and task.best_metric and
                         best.evaluations_since_best(step, task.metric_every_steps)
                         >= config.patience)
-      if step % config.checkpoint_every_steps == 0 or last or stop_early:
+      if 'checkpoint' in events or stop_early:
         checkpoints.save(manager, state)
       if stop_early:
         _log(bar, f'Early stopping at step {step}: no {task.best_metric} improvement in '
                   f'{config.patience} evaluations (best {best.value:.4f} at step {best.step})')
         break
-      if do_log:
+      if 'log' in events:
         throughput.reset()  # Eval and checkpoint time is not training time.
-      if interrupt.requested:
-        raise KeyboardInterrupt
+    in_flight.wait()
+    if interrupt.requested:  # Ctrl-C during the last step: its checkpoint is being saved.
+      raise KeyboardInterrupt
   except KeyboardInterrupt:
-    # `state` is the result of the last completed step: save it, so a rerun loses nothing.
-    try:
-      if int(state.step) not in manager.all_steps():
-        checkpoints.save(manager, state)
-      manager.wait_until_finished()  # A save may still be running in the background.
-      _log(bar, f'Interrupted: saved a checkpoint at step {int(state.step)}')
-    except RuntimeError as e:  # Interrupted between a step's dispatch and its result.
-      logging.warning('Interrupted; could not save the current step (%s)', e)
-    except KeyboardInterrupt:  # A second Ctrl-C while the checkpoint was being written.
-      _log(bar, f'Interrupted again: the checkpoint of step {int(state.step)} may be '
-                'incomplete; the latest complete one is restored on rerun')
-      for handler in py_logging.getLogger().handlers:
-        handler.flush()
-      sys.stdout.flush()
-      sys.stderr.flush()
-      os._exit(130)  # Waiting for the writer threads again could hang.
+    # `state` is the result of step `interrupt.step` (no step was dispatched after it):
+    # save it, so a rerun loses nothing.
+    interrupt.saving = True  # A second Ctrl-C now says the save was cut short.
+    step = interrupt.step
+    _wait_ready(state)
+    if step not in manager.all_steps():
+      checkpoints.save(manager, state)
+    while manager.is_saving_in_progress():  # Polling: a second Ctrl-C quits at once.
+      time.sleep(0.02)
+    manager.wait_until_finished()
+    _log(bar, f'Interrupted: saved a checkpoint at step {step} in '
+              f'{os.path.join(checkpoint_dir, str(step))}; a rerun resumes from it')
     raise
   finally:
     interrupt.restore()
