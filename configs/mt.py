@@ -48,6 +48,10 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   c.spm_model_type = 'unigram'   # 'unigram' or 'bpe'.
   c.spm_max_sentences = 1_000_000  # Training sentences sampled for the model.
   c.spm_character_coverage = 1.0
+  # True: 256 of the vocab_size ids are UTF-8 byte pieces, so characters never seen in
+  # training are spelled as bytes and translated back, instead of becoming ' ⁇ '. Used
+  # when a tokenizer is trained (a new workdir); False until measured on Multi30k BLEU.
+  c.spm_byte_fallback = False
 
   # --- Model (Vaswani et al. 2017, pre-LayerNorm) -------------------------
   c.d_model = 256

@@ -1,10 +1,11 @@
 """Input pipeline: bucketing, determinism, resumable position, bounded shapes."""
 import collections
+import logging
 
 import numpy as np
 import pytest
 
-from transformer_jax import data
+from transformer_jax import data, tokenizer
 from transformer_jax.tokenizer import EOS_ID
 
 
@@ -140,3 +141,26 @@ def test_packed_train_pipeline_is_deterministic_and_skip_resumes_it():
   assert set(counts) == {(tuple(s), tuple(t)) for s, t in zip(src, tgt)}
   assert max(counts.values()) - min(counts.values()) <= 1 and sum(counts.values()) > 300
   assert any((a['targets'] != b['targets']).any() for a, b in zip(full, run(0, seed=8)))
+
+
+def test_tokenize_pairs_reports_the_unknown_rate_of_each_side(tmp_path, caplog):
+  words = 'ein mann eine frau fährt liest nach hause das buch a man woman reads drives home'
+  rng = np.random.default_rng(0)
+  corpus = [' '.join(rng.choice(words.split(), 6)) for _ in range(300)]
+  sp = tokenizer.train(corpus, str(tmp_path / 'spm.model'), 60)
+  config = type('C', (), {'max_source_length': 64, 'max_target_length': 64, 'truncate': False,
+                          'source_lang': 'de', 'target_lang': 'en'})()
+  sources = ['ein mann fährt nach hause'] * 9 + ['ein mann ☃ fährt nach 東京']
+  targets = ['a man drives home'] * 10
+  with caplog.at_level(logging.INFO):
+    src, tgt = data.tokenize_pairs(sp, sources, targets, config, "split 'train'")
+  assert len(src) == len(tgt) == 10 and all(s[-1] == EOS_ID for s in src)
+  warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert len(warnings) == 1, warnings  # The targets have no unknown piece: no warning.
+  unknown = sum(int((s == tokenizer.UNK_ID).sum()) for s in src)
+  pieces = sum(len(s) - 1 for s in src)
+  assert unknown == 2 and warnings[0].startswith(
+      f"split 'train' sources (de): {100 * unknown / pieces:.2f}% of the pieces ({unknown} of "
+      f'{pieces}) are unknown')
+  assert 'spm_byte_fallback' in warnings[0]
+  assert "split 'train' targets (en): 0 of" in caplog.text  # Logged (train.log) either way.

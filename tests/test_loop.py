@@ -326,3 +326,25 @@ def test_resume_with_changed_config_refuses_or_warns(text8_dir, tmp_path, capsys
           'num_train_steps 4 -> 6') in out
   # run_config.json keeps the config the run started with.
   assert (tmp_path / 'run_config.json').read_text() == started
+
+
+# --- Warnings while the bar is open ---------------------------------------------------------
+def test_console_warnings_land_above_the_bar_on_their_own_line(capfd):
+  import logging as py_logging  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  root, console = py_logging.getLogger(), logging.get_absl_handler()
+  if console not in root.handlers:
+    root.addHandler(console)
+  bar = tqdm.tqdm(total=10, desc='train', file=sys.stderr)
+  above = train._ConsoleAboveBar()  # pylint: disable=protected-access
+  try:
+    bar.update(3)
+    logging.warning('3 lines are longer than max_source_length')
+  finally:
+    above.restore()
+    bar.close()
+  assert console in root.handlers and above not in root.handlers
+  err = capfd.readouterr().err
+  lines = re.split(r'[\r\n]', err)
+  warning = [l for l in lines if 'lines are longer than max_source_length' in l]
+  assert len(warning) == 1 and warning[0].startswith('W'), err

@@ -1,4 +1,5 @@
-"""The command line: one-line errors for bad options, Ctrl-C and resume on Multi30k."""
+"""The command line: one-line errors for bad options, Ctrl-C and resume on Multi30k, a
+console without library chatter."""
 import os
 import signal
 import subprocess
@@ -14,6 +15,29 @@ from transformer_jax import hugepages
 def run_main(*args, **kwargs):
   return subprocess.run([sys.executable, '-m', 'transformer_jax.main', *args], cwd=REPO,
                         capture_output=True, text=True, timeout=600, **kwargs)
+
+
+# As a user's shell has it: TensorFlow's C++ log level not set.
+USER_ENV = {k: v for k, v in os.environ.items() if k != 'TF_CPP_MIN_LOG_LEVEL'}
+# TensorFlow's C++ start-up lines and TFDS's prints: never on the console.
+CHATTER = ('All log messages before absl::InitializeLog()', 'oneDNN custom operations',
+           'cpu_feature_guard', 'Downloading and preparing dataset', 'downloaded and prepared')
+
+
+def assert_no_chatter(console: str) -> None:
+  found = [text for text in CHATTER if text in console]
+  assert not found, (found, console[-3000:])
+
+
+def test_console_shows_no_tensorflow_startup_lines(tmp_path):
+  # Imports TensorFlow, JAX and the task, then stops: the workdir has no tokenizer.
+  proc = run_main('--config=configs/mt.py:tiny', f'--workdir={tmp_path}', '--mode=translate',
+                  input='', env=USER_ENV)
+  assert proc.returncode == 1
+  assert_no_chatter(proc.stdout + proc.stderr)
+  assert proc.stderr.splitlines() == [
+      f'workdir: {tmp_path}',
+      f'error: {tmp_path}/tokenizer/spm.model: no tokenizer; is {tmp_path} a training workdir?']
 
 
 @pytest.mark.parametrize('flag, message', [
@@ -54,15 +78,18 @@ def test_ctrl_c_leaves_a_restorable_checkpoint_and_rerun_resumes(data_dir, tmp_p
           '--config.bleu_every_steps=0', '--config.test_split=']
   proc = subprocess.Popen([sys.executable, '-m', 'transformer_jax.main', *args,
                            '--config.num_train_steps=100000'], cwd=REPO,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=USER_ENV)
   ckpt_dir = tmp_path / 'checkpoints'
   deadline = time.time() + 300
   while time.time() < deadline and not (ckpt_dir.exists() and any(
       name.isdigit() and int(name) >= 10 for name in os.listdir(ckpt_dir))):
     time.sleep(0.2)
   proc.send_signal(signal.SIGINT)
-  _, stderr = proc.communicate(timeout=120)
+  stdout, stderr = proc.communicate(timeout=120)
   assert proc.returncode == 130, stderr[-2000:]
+  # Multi30k was prepared from the local files (TFDS) and TensorFlow started: silently.
+  assert_no_chatter(stdout + stderr)
   assert (f'interrupted: rerun with --workdir={tmp_path} to resume from its latest checkpoint'
           in stderr)
   steps = sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
@@ -75,8 +102,9 @@ def test_ctrl_c_leaves_a_restorable_checkpoint_and_rerun_resumes(data_dir, tmp_p
   environ = hugepages.cli_environ()
   assert f"malloc huge pages: {'on' if hugepages.active(environ) else 'off'}" in log
   # Rerun: restores the latest checkpoint and trains 5 more steps.
-  done = run_main(*args, f'--config.num_train_steps={latest + 5}')
+  done = run_main(*args, f'--config.num_train_steps={latest + 5}', env=USER_ENV)
   assert done.returncode == 0, done.stderr[-2000:]
+  assert_no_chatter(done.stdout + done.stderr)
   log = (tmp_path / 'train.log').read_text()
   assert f'Restoring checkpoint at step {latest}' in log
   assert f'step {latest + 5}: train loss' in log

@@ -1,9 +1,12 @@
 """Translation and scoring: sacreBLEU parity, batching invariance (sampling included),
-the eval/translate modes."""
+the eval/translate modes, unusual input text (normalized alike in translation and
+scoring; lines split on '\n' only)."""
 import json
+import logging
 import os
 import subprocess
 import sys
+import unicodedata
 
 import jax
 import numpy as np
@@ -11,7 +14,8 @@ import pytest
 import sacrebleu
 
 from tests.conftest import REPO, tiny_config
-from transformer_jax import evaluation, scoring, sharding, train, translate
+from transformer_jax import evaluation, scoring, sharding, tokenizer, train, translate
+from transformer_jax.tasks import translation
 from transformer_jax.tokenizer import EOS_ID
 
 
@@ -54,6 +58,8 @@ def test_training_keeps_best_bleu_checkpoint_and_scores_test(trained):
     assert len(f.read().splitlines()) == 64  # one line per source line
   log = open(os.path.join(workdir, 'train.log'), encoding='utf-8').read()
   assert 'val BLEU' in log
+  # The final report's header names the decoding once (it read 'beam beam 2' once).
+  assert f"INFO val (best-step{best['step']}, beam 2):\n" in log and 'beam beam' not in log
 
 
 def load_translator(config, workdir, checkpoint='best'):
@@ -210,3 +216,111 @@ def test_eval_and_translate_errors_are_one_line(trained):
                             '--mode=eval', '--split=test')
   assert multi30k_split.stderr.strip().splitlines()[-1] == (
       "error: split 'test': Multi30k has the splits train, validation, test_2016")
+
+
+def test_scoring_normalizes_hypotheses_and_references_alike(tmp_path):
+  hyps = ['Ein Mann fährt über die Brücke.', 'Zwei Hunde spielen im Schnee.']
+  refs = [unicodedata.normalize('NFD', hyps[0]),            # Decomposed umlauts.
+          'Zwei\tHunde\xa0spielen im Schn\u200bee.\x00']     # Tab, NBSP, zero-width, NUL.
+  assert scoring.score(hyps, refs)['bleu'] == pytest.approx(100)
+  assert scoring.score(hyps, refs, normalize=False)['bleu'] < 100
+  assert scoring.score(refs, hyps)['chrf'] == pytest.approx(100)  # Either side.
+
+  class Echo:  # A "model" that outputs its source: score_split must find a perfect score.
+    def translate(self, sentences, name, check_unknown):
+      return list(sentences)
+
+  result = translation.score_split(Echo(), hyps, refs, str(tmp_path), 'echo')
+  assert result['bleu'] == pytest.approx(100) and result['chrf'] == pytest.approx(100)
+
+
+@pytest.fixture(scope='module')
+def translator(trained):
+  config, workdir, _ = trained
+  return load_translator(config, workdir, 'latest')[0]
+
+
+PLAIN = 'Ein Mann fährt über die Brücke.'
+
+
+def _translates_as(translator, text, plain=PLAIN):
+  """`text` has the pieces of `plain`, and so its translation."""
+  assert translator.sp.encode(tokenizer.clean(text)) == translator.sp.encode(plain)
+  out = translator.translate([text, plain])
+  assert out[0] == out[1] and len(out) == 2
+
+
+def test_nfd_input_translates_as_its_nfc_form(translator):
+  nfd = unicodedata.normalize('NFD', PLAIN)
+  assert nfd != PLAIN
+  _translates_as(translator, nfd)
+
+
+def test_tabs_and_unicode_spaces_are_spaces(translator):
+  _translates_as(translator, '\tEin\xa0Mann  fährt\u2009über die\u3000Brücke. \u202f')
+
+
+def test_zero_width_characters_are_removed(translator):
+  # Zero-width space, soft hyphen, joiner, BOM, word joiner, LRM: removed, not spaces.
+  _translates_as(translator, 'Ein Ma\u200bnn fä\xadhrt\u200d über\ufeff die Brü\u2060cke.\u200e')
+
+
+def test_control_characters_never_crash_or_split_a_line(translator):
+  lines = ['Ein\x00 Mann\x07 fährt\x7f über\x9b die Brücke.',            # Removed.
+           'Ein\x1cMann\x0bfährt\x85über\u2028die\rBrücke.\u2029',        # Separators: spaces.
+           '\x00\x01\x1b', '\u200b\ufeff', 'Hallo']
+  out = translator.translate(lines)
+  assert len(out) == len(lines) and all(len(o.splitlines()) <= 1 for o in out)
+  plain, hallo = translator.translate([PLAIN, 'Hallo'])
+  assert out == [plain, plain, '', '', hallo]  # Nothing left: an empty line.
+
+
+def test_a_5000_character_line_is_translated_in_full_with_one_warning(trained, caplog):
+  config, workdir, _ = trained
+  translator, _ = load_translator(config, workdir, 'latest')  # Nothing warned yet.
+  long_line = ('Ein Mann fährt mit dem Fahrrad durch die Stadt. ' * 110)[:5000]
+  assert len(translator.sp.encode(long_line)) > 10 * config.max_source_length
+  with caplog.at_level(logging.WARNING):
+    out = translator.translate(['Hallo', long_line, 'Hallo'], 'long.txt')
+    assert len(out) == 3 and out[0] == out[2] and out[1] and '\n' not in out[1]
+    translator.translate([long_line], 'long.txt')  # Warned once per input.
+    translator.translate([long_line, 'Hallo', long_line], 'two.txt')
+  warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert warnings == [
+      'long.txt: 1 line is longer than max_source_length=32 tokens and is translated in '
+      'full, beyond the lengths seen in training (line 2)',
+      'two.txt: 2 lines are longer than max_source_length=32 tokens and are translated in '
+      'full, beyond the lengths seen in training (lines 1, 3)']
+
+
+def _run_bytes(*args, stdin=b''):
+  """The CLI with bytes in and out (no newline translation), without
+  TF_CPP_MIN_LOG_LEVEL in its environment."""
+  env = {k: v for k, v in os.environ.items() if k != 'TF_CPP_MIN_LOG_LEVEL'}
+  return subprocess.run([sys.executable, '-m', 'transformer_jax.main', *args], cwd=REPO,
+                        capture_output=True, timeout=600, input=stdin, env=env)
+
+
+def test_translate_mode_splits_lines_at_newline_only(trained, tmp_path):
+  config, workdir, _ = trained
+  lines = ['Ein Hund läuft.', 'Ein Hund\rläuft.', 'Ein\x0bHund\x0cläuft.',
+           'Ein\x1cHund\x1dläuft.\x1e', 'Ein\x85Hund\u2028läuft.\u2029', '',
+           'Ein Mann ☃ fährt 🚲 nach 東京.', 'Zwei Kinder spielen.\r']  # The last: a CRLF line.
+  data = ('\n'.join(lines) + '\n').encode('utf-8')
+  (tmp_path / 'in.txt').write_bytes(data)
+  flags = [*_config_flags(config), f'--workdir={workdir}', '--mode=translate']
+  by_file = _run_bytes(*flags, f'--input={tmp_path}/in.txt', f'--output={tmp_path}/out.txt')
+  assert by_file.returncode == 0, by_file.stderr[-2000:]
+  out = (tmp_path / 'out.txt').read_bytes()
+  piped = _run_bytes(*flags, stdin=data)
+  assert piped.returncode == 0, piped.stderr[-2000:]
+  assert piped.stdout == out
+  translator, _ = load_translator(config, workdir, 'best')
+  expected = [translator.translate([line])[0] for line in lines]
+  assert out.decode('utf-8').split('\n') == expected + ['']
+  assert expected[1] == expected[2] == expected[3] == expected[4] == expected[0]
+  assert expected[5] == ''
+  for proc, name in ((by_file, f'--input={tmp_path}/in.txt'), (piped, 'stdin')):
+    stderr = proc.stderr.decode('utf-8')
+    assert f'{name}: ' in stderr and 'are unknown' in stderr and 'spm_byte_fallback' in stderr
+    assert 'absl::InitializeLog' not in stderr and 'oneDNN' not in stderr

@@ -35,6 +35,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from transformer_jax import multi30k
+from transformer_jax import tokenizer
 from transformer_jax.config_schema import ConfigError
 from transformer_jax.tokenizer import EOS_ID
 
@@ -93,30 +94,46 @@ def _load_pairs(config, split: str, workdir: str) -> tuple[list[str], list[str]]
   return sources, targets
 
 
-def encode(sp, sentences: list[str], max_length: int, truncate: bool) -> list[np.ndarray]:
-  """SentencePiece ids + EOS per sentence, int32 [<= max_length] each.
+def encode(sp, sentences: list[str], max_length: int, truncate: bool,
+           name: str | None = None) -> list[np.ndarray]:
+  """SentencePiece ids + EOS per sentence (`tokenizer.clean`ed), int32 [<= max_length]
+  each.
 
   Over-long sentences are cut to `max_length` (ending in EOS) when `truncate`, else
-  returned whole (the caller drops them).
+  returned whole (the caller drops them). With a `name` ("split 'train' sources (de)"),
+  the unknown-piece rate of the sentences, before any cut, is logged
+  (`tokenizer.check_unknown`: a warning above 0.1%).
   """
+  pieces = sp.encode([tokenizer.clean(s) for s in sentences])
+  if name is not None:
+    tokenizer.check_unknown(pieces, name)
   encoded = []
-  for ids in sp.encode(sentences):
+  for ids in pieces:
     if truncate and len(ids) >= max_length:
       ids = ids[:max_length - 1]
     encoded.append(np.asarray(ids + [EOS_ID], dtype=np.int32))
   return encoded
 
 
-def tokenize_pairs(sp, sources: list[str], targets: list[str], config
+def tokenize_pairs(sp, sources: list[str], targets: list[str], config, name: str = 'pairs'
                    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-  """Encodes both sides and drops (or, with `config.truncate`, cuts) over-long pairs."""
-  src = encode(sp, sources, config.max_source_length, config.truncate)
-  tgt = encode(sp, targets, config.max_target_length, config.truncate)
+  """Encodes both sides and drops (or, with `config.truncate`, cuts) over-long pairs.
+
+  The unknown-piece rate of each side is logged, naming `name` (e.g. "split 'train'")
+  and the language; above 0.1% it is a warning (`tokenizer.check_unknown`).
+  """
+  src_lang = getattr(config, 'source_lang', None)
+  tgt_lang = getattr(config, 'target_lang', None)
+  src = encode(sp, sources, config.max_source_length, config.truncate,
+               f'{name} sources' + (f' ({src_lang})' if src_lang else ''))
+  tgt = encode(sp, targets, config.max_target_length, config.truncate,
+               f'{name} targets' + (f' ({tgt_lang})' if tgt_lang else ''))
   keep = [i for i in range(len(src)) if len(src[i]) <= config.max_source_length
           and len(tgt[i]) <= config.max_target_length]
   if len(keep) < len(src):
-    logging.info('Dropped %d of %d pairs longer than %d/%d tokens', len(src) - len(keep),
-                 len(src), config.max_source_length, config.max_target_length)
+    logging.info('%s: dropped %d of %d pairs longer than %d/%d tokens', name,
+                 len(src) - len(keep), len(src), config.max_source_length,
+                 config.max_target_length)
   return [src[i] for i in keep], [tgt[i] for i in keep]
 
 

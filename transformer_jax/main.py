@@ -1,4 +1,4 @@
-"""Command line: train, score or use a model of any task (translation, classification,
+r"""Command line: train, score or use a model of any task (translation, classification,
 tagging).
 
   python -m transformer_jax.main --config=configs/mt.py --workdir=DIR            # train
@@ -6,18 +6,32 @@ tagging).
   python -m transformer_jax.main --config=configs/mt.py --workdir=DIR --mode=predict \
       [--input=FILE] [--output=FILE]                                             # stdin/stdout
 
-`--mode=translate` is `--mode=predict` of a translation model.
+`--mode=translate` is `--mode=predict` of a translation model. Input lines end at '\n'
+only ('\r', '\x0b', '\x0c', '\x1c'-'\x1e', '\x85', '\u2028' and '\u2029' stay inside
+their line, where the tokenizer makes them spaces); input and output are UTF-8.
+
+The console shows what a user acts on: the progress bar, the eval lines, reports and
+warnings. TensorFlow's C++ start-up chatter (the absl "All log messages before
+absl::InitializeLog()" line and the oneDNN note, each printed twice when TensorFlow is
+imported) is filtered out, and `TF_CPP_MIN_LOG_LEVEL` defaults to 2 (C++ errors only).
 
 Any config field can be overridden: `--config.num_train_steps=1000`. Rerunning training
 with the same --workdir resumes from its latest checkpoint. A bad flag or config value
 stops with one line naming it, before anything heavy is imported or any file is written.
 """
 import contextlib
+import importlib
+import io
 import os
 import re
 import sys
+import tempfile
 
-from absl import app
+# TensorFlow's and XLA's C++ logging: errors only, unless the user chose a level. Set
+# before anything imports TensorFlow (and kept across the huge-pages re-execution).
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags
 from ml_collections import config_flags
 
@@ -43,6 +57,59 @@ flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'],
 
 
 SHARED_DATA_ENV = 'TRANSFORMER_JAX_SHARED_DATA'  # As configs/encoder.py reads it.
+
+# Lines TensorFlow's C++ code writes to stderr while it is imported, whatever
+# TF_CPP_MIN_LOG_LEVEL says (they are logged before TensorFlow reads it).
+_TF_IMPORT_NOISE = re.compile(
+    r'WARNING: All log messages before absl::InitializeLog\(\) is called are written to '
+    r'STDERR|\] oneDNN custom operations are on|cpu_feature_guard\.cc|To enable the '
+    r'following instructions: .* rebuild TensorFlow')
+
+
+def import_tensorflow_quietly() -> None:
+  """Imports TensorFlow with its C++ start-up lines (`_TF_IMPORT_NOISE`) kept off the
+  console: file descriptor 2 goes to a temporary file during the import, and everything
+  else written there is copied to stderr afterwards. Does nothing if TensorFlow is
+  already imported."""
+  if 'tensorflow' in sys.modules:
+    return
+  sys.stderr.flush()
+  try:
+    saved = os.dup(2)
+  except OSError:  # No file descriptor 2.
+    importlib.import_module('tensorflow')
+    return
+  with tempfile.TemporaryFile() as captured:
+    os.dup2(captured.fileno(), 2)
+    try:
+      importlib.import_module('tensorflow')
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      captured.seek(0)
+      for line in captured.read().decode('utf-8', 'replace').splitlines(keepends=True):
+        if not _TF_IMPORT_NOISE.search(line):
+          sys.stderr.write(line)
+      sys.stderr.flush()
+
+
+def _text_streams(files: contextlib.ExitStack, input_path: str | None,
+                  output_path: str | None) -> tuple[io.TextIOBase, io.TextIOBase]:
+  """(--input or stdin, --output or stdout) as UTF-8 text with lines ending at '\n' only:
+  Python's default newline handling would also end an input line at '\r', shifting every
+  later output line. Opened files are closed by `files`."""
+  if input_path:
+    source = files.enter_context(open(input_path, encoding='utf-8', newline='\n'))
+  else:
+    source = sys.stdin
+    source.reconfigure(encoding='utf-8', newline='\n')  # Nothing was read yet.
+  if output_path:
+    target = files.enter_context(open(output_path, 'w', encoding='utf-8', newline='\n'))
+  else:
+    target = sys.stdout
+    target.reconfigure(encoding='utf-8', newline='\n')
+  return source, target
 
 
 def default_workdir(config) -> str:
@@ -96,7 +163,8 @@ def main(argv):
 
   # pylint: disable=g-import-not-at-top
   from absl import logging
-  from transformer_jax import evaluation, hf_import, multi30k, train
+  import_tensorflow_quietly()
+  from transformer_jax import evaluation, hf_import, multi30k, train, translate
   if FLAGS.mode != 'train':
     logging.set_verbosity(logging.WARNING)  # Keep stdout/stderr to results and problems.
   try:
@@ -105,11 +173,9 @@ def main(argv):
     elif FLAGS.mode == 'eval':
       evaluation.run_eval(config, workdir, FLAGS.split or config.test_split, FLAGS.checkpoint)
     else:
+      translate.INPUT_NAME = f'--input={FLAGS.input}' if FLAGS.input else 'stdin'
       with contextlib.ExitStack() as files:
-        source = (files.enter_context(open(FLAGS.input, encoding='utf-8'))
-                  if FLAGS.input else sys.stdin)
-        target = (files.enter_context(open(FLAGS.output, 'w', encoding='utf-8'))
-                  if FLAGS.output else sys.stdout)
+        source, target = _text_streams(files, FLAGS.input, FLAGS.output)
         evaluation.run_predict(config, workdir, source, target, FLAGS.checkpoint)
   except (config_schema.ConfigError, multi30k.DataError, hf_import.HFImportError,
           FileNotFoundError,

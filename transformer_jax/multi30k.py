@@ -8,6 +8,7 @@ Raw files are gzipped (or plain) UTF-8 text, one sentence per line; line i of
 `{split}.en.gz` translates line i of `{split}.de.gz`.
 """
 
+import contextlib
 import dataclasses
 import gzip
 import itertools
@@ -214,6 +215,14 @@ class Multi30k(tfds.core.GeneratorBasedBuilder):
         disable_shuffling=True,
     )
 
+  # TFDS prints these two to stdout ("Downloading and preparing dataset Unknown size
+  # ...", "Dataset multi30k downloaded and prepared to ..."); they go to the log instead.
+  def _log_download_bytes(self) -> None:
+    logging.info("Preparing Multi30k %s in %s", self.builder_config.name, self.data_dir)
+
+  def _log_download_done(self) -> None:
+    logging.info("Prepared Multi30k %s in %s", self.builder_config.name, self.data_dir)
+
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     languages = (self.builder_config.source, self.builder_config.target)
     try:
@@ -243,6 +252,18 @@ class Multi30k(tfds.core.GeneratorBasedBuilder):
     source, target = self.builder_config.source, self.builder_config.target
     for lineno, src, tgt in _read_numbered(source_path, target_path, None):
       yield lineno - 1, {source: src, target: tgt}
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+  """TFDS's progress bars off for the block, then as they were."""
+  tqdm_utils = tfds.core.utils.tqdm_utils
+  shown = getattr(tqdm_utils, "_active", True)
+  tfds.disable_progress_bar()
+  try:
+    yield
+  finally:
+    tfds.display_progress_bar(shown)
 
 
 def load_split(
@@ -275,9 +296,10 @@ def load_split(
     raise DataError(f'{data_dir}: no such folder (the Multi30k data_dir)')
   builder = Multi30k(config=pair, data_dir=tfds_dir)
   try:
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=data_dir)
-    )
+    with _no_progress_bars():  # Seconds of work: TFDS's bars would be console noise.
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(manual_dir=data_dir)
+      )
   except (OSError, tfds.download.DownloadError) as e:
     if data_dir:
       raise

@@ -1,4 +1,4 @@
-"""Joint source+target SentencePiece tokenizer (Kudo & Richardson 2018).
+r"""Joint source+target SentencePiece tokenizer (Kudo & Richardson 2018).
 
 Special ids, fixed for every model this toolkit trains (the one place they are defined):
 
@@ -6,17 +6,45 @@ Special ids, fixed for every model this toolkit trains (the one place they are d
   EOS_ID = 1   end of sentence, appended to every source and target
   BOS_ID = 2   start of the decoder input (targets shifted right)
   UNK_ID = 3   unknown piece
+
+Text normalization (what happens to a sentence before it is split into pieces, in
+training, evaluation and translate mode alike):
+
+  1. `clean` (ours): every whitespace character (Python's `str.isspace`: tab, NBSP, the
+     line and paragraph separators '\r', '\x0b', '\x0c', '\x1c'-'\x1f', '\x85',
+     '\u2028', '\u2029', ...) becomes a space, and the other control characters
+     (Unicode Cc) and the invisible format characters (Cf: zero-width space, joiner and
+     non-joiner, soft hyphen, byte order mark, bidi marks, word joiner) are removed, so
+     'Hun\u200bd' is 'Hund'.
+  2. SentencePiece's own normalizer, `nmt_nfkc`: Unicode NFKC (NFD input such as
+     'fa\u0308hrt' composes to 'fährt'; compatibility forms such as 'ﬁ' and '…' become
+     'fi' and '...') and runs of spaces collapsed, leading and trailing ones dropped.
+
+`normalize` applies both and returns text: for text without unknown characters it is
+`decode(encode(text))`, the form every model output has; `scoring` normalizes
+hypotheses and references with it.
+
+Characters the tokenizer never saw in training become UNK_ID, decoded as ' ⁇ ', unless
+the model was trained with byte fallback (`spm_byte_fallback=True`: 256 of its
+`vocab_size` ids are UTF-8 byte pieces '<0x00>'..'<0xFF>', which spell any unseen
+character and decode back to it). `check_unknown` logs the unknown-piece rate of a
+corpus and warns above `UNKNOWN_WARNING_RATE`.
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
+import sys
 import tempfile
-from typing import Iterable
+from typing import Iterable, Sequence
+import unicodedata
 
 from absl import logging
 import numpy as np
 import sentencepiece as spm
+
+from transformer_jax.config_schema import ConfigError
 
 PAD_ID = 0
 EOS_ID = 1
@@ -27,6 +55,85 @@ UNK_ID = 3
 # ids right after UNK_ID and are never produced by encoding typed text.
 MASK = '<mask>'
 SENTINEL = '<extra_id_{}>'
+
+
+# A corpus (or translate input) with more unknown pieces than this fraction gets a warning.
+UNKNOWN_WARNING_RATE = 0.001
+_SPACE = re.compile(r'\s')  # Exactly the characters str.isspace() accepts.
+
+
+@functools.lru_cache(maxsize=None)
+def _invisible() -> re.Pattern:
+  """The control (Cc) and format (Cf) characters that are not whitespace."""
+  chars = ''.join(chr(c) for c in range(sys.maxunicode + 1)
+                  if unicodedata.category(chr(c)) in ('Cc', 'Cf') and not chr(c).isspace())
+  return re.compile(f'[{re.escape(chars)}]')
+
+
+def clean(text: str) -> str:
+  """`text` with every whitespace character made a space and the other control and
+  format characters (zero-width, soft hyphen, BOM, bidi marks) removed: the first step
+  of the normalization (module docstring). The result never contains a line break."""
+  if text.isascii() and text.isprintable():
+    return text  # Nothing to do (the common case).
+  return _invisible().sub('', _SPACE.sub(' ', text))
+
+
+def one_line(text: str) -> str:
+  """`clean` text with runs of spaces collapsed and no leading or trailing space: a model
+  output that is safe to write as one line (byte pieces may spell any character)."""
+  return ' '.join(clean(text).split())
+
+
+@functools.lru_cache(maxsize=None)
+def _nmt_nfkc() -> spm.SentencePieceNormalizer:
+  return spm.SentencePieceNormalizer(rule_name='nmt_nfkc', add_dummy_prefix=False,
+                                     escape_whitespaces=False, remove_extra_whitespaces=True)
+
+
+def normalize(texts: list[str]) -> list[str]:
+  """The normalization of the tokenizers this toolkit trains (module docstring): `clean`,
+  then SentencePiece's `nmt_nfkc` (NFKC, spaces collapsed and stripped). For text
+  without unknown characters, `normalize([t])[0] == sp.decode(sp.encode(clean(t)))`."""
+  if not texts:
+    return []
+  return [' '.join(t.split()) for t in _nmt_nfkc().normalize([clean(t) for t in texts])]
+
+
+def count_unknown(ids: Iterable[Sequence[int]]) -> tuple[int, int]:
+  """(unknown pieces, pieces) of encoded sentences; EOS (appended by callers) is not a
+  piece. A run of unknown characters is one unknown piece."""
+  unknown = pieces = 0
+  for seq in ids:
+    seq = np.asarray(seq)
+    unknown += int(np.count_nonzero(seq == UNK_ID))
+    pieces += int(np.count_nonzero(seq != EOS_ID))
+  return unknown, pieces
+
+
+def check_unknown(ids: Iterable[Sequence[int]], name: str) -> float:
+  """Logs the unknown-piece rate of encoded sentences (INFO, in train.log) and warns
+  (absl WARNING, on the console) when it is above UNKNOWN_WARNING_RATE (0.1%).
+
+  Args:
+    ids: the pieces of each sentence (EOS may be included; it is not counted).
+    name: what the sentences are, for the message ("split 'train' sources (de)",
+      "--input=in.txt").
+
+  Returns:
+    The rate: unknown pieces / pieces (0 for no pieces).
+  """
+  unknown, pieces = count_unknown(ids)
+  rate = unknown / pieces if pieces else 0.0
+  logging.info('%s: %d of %d pieces unknown (%.3f%%)', name, unknown, pieces, 100 * rate)
+  if rate > UNKNOWN_WARNING_RATE:
+    logging.warning(
+        "%s: %.2f%% of the pieces (%d of %d) are unknown: characters the tokenizer never saw "
+        "in training, which become ' ⁇ '. A new tokenizer (a new --workdir) trained with "
+        '--config.spm_byte_fallback=True spells them as UTF-8 bytes; one trained with '
+        '--config.spm_character_coverage below 1.0 drops rare characters (1.0 keeps all).',
+        name, 100 * rate, unknown, pieces)
+  return rate
 
 
 def reserved_symbols(num_sentinels: int) -> tuple[str, ...]:
@@ -44,8 +151,9 @@ def symbol_ids(sp: spm.SentencePieceProcessor) -> dict[str, int]:
 
 def train(sentences: Iterable[str], model_path: str, vocab_size: int,
           model_type: str = 'unigram', character_coverage: float = 1.0,
-          control_symbols: tuple[str, ...] = ()) -> spm.SentencePieceProcessor:
-  """Trains a SentencePiece model on `sentences` and writes it to `model_path`.
+          control_symbols: tuple[str, ...] = (),
+          byte_fallback: bool = False) -> spm.SentencePieceProcessor:
+  """Trains a SentencePiece model on `sentences` (`clean`ed) and writes it to `model_path`.
 
   The file appears atomically (written beside it, then renamed), so an interrupted run
   never leaves a half-written model behind.
@@ -59,21 +167,39 @@ def train(sentences: Iterable[str], model_path: str, vocab_size: int,
     character_coverage: fraction of characters covered by the alphabet.
     control_symbols: reserved pieces (`reserved_symbols`), ids UNK_ID + 1, ... in order;
       typed text never encodes to them.
+    byte_fallback: add the 256 UTF-8 byte pieces (ids right after the control symbols,
+      counted in `vocab_size`): characters outside the alphabet become byte pieces
+      instead of UNK_ID and decode back to themselves.
 
   Returns:
     The loaded processor.
+
+  Raises:
+    ConfigError: `vocab_size` is smaller than the alphabet (plus the special, control and
+      byte pieces) needs.
   """
   folder = os.path.dirname(os.path.abspath(model_path))
   os.makedirs(folder, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=folder) as tmp:
     prefix = os.path.join(tmp, 'spm')
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_prefix=prefix, vocab_size=vocab_size,
-        model_type=model_type, character_coverage=character_coverage,
-        pad_id=PAD_ID, eos_id=EOS_ID, bos_id=BOS_ID, unk_id=UNK_ID,
-        control_symbols=list(control_symbols), hard_vocab_limit=False, minloglevel=2)
+    try:
+      spm.SentencePieceTrainer.train(
+          sentence_iterator=(clean(s) for s in sentences), model_prefix=prefix,
+          vocab_size=vocab_size, model_type=model_type,
+          character_coverage=character_coverage, pad_id=PAD_ID, eos_id=EOS_ID,
+          bos_id=BOS_ID, unk_id=UNK_ID, control_symbols=list(control_symbols),
+          byte_fallback=byte_fallback, hard_vocab_limit=False, minloglevel=2)
+    except RuntimeError as e:
+      needed = re.search(r'smaller than required_chars\. \d+ vs (\d+)', str(e))
+      if not needed:
+        raise
+      raise ConfigError(
+          f'config.vocab_size={vocab_size}: too small for the characters of the training '
+          f'text{" and the 256 byte pieces of spm_byte_fallback=True" if byte_fallback else ""}'
+          f'; it needs at least {needed.group(1)}') from None
     os.replace(prefix + '.model', model_path)
-  logging.info('Trained SentencePiece model %s', model_path)
+  logging.info('Trained SentencePiece model %s (byte fallback %s)', model_path,
+               'on' if byte_fallback else 'off')
   return load(model_path)
 
 
@@ -94,8 +220,10 @@ def load(model_path: str) -> spm.SentencePieceProcessor:
 def encode_with_symbols(sp: spm.SentencePieceProcessor, text: str) -> list[int]:
   """The ids of `text`, where the written names of the model's control symbols
   (`symbol_ids`: '<mask>', '<extra_id_0>', ...) become those ids: how a user asks a
-  pretrained model to fill in a blank (--mode=predict). Plain `encode` never does this."""
+  pretrained model to fill in a blank (--mode=predict). Plain `encode` never does this.
+  The text is `clean`ed first."""
   symbols = symbol_ids(sp)
+  text = clean(text)
   if not symbols:
     return sp.encode(text)
   ids = []
@@ -108,7 +236,8 @@ def encode_with_symbols(sp: spm.SentencePieceProcessor, text: str) -> list[int]:
 
 
 def decode_with_symbols(sp: spm.SentencePieceProcessor, ids) -> str:
-  """Text of `ids`, with control symbols written by name (plain `decode` drops them)."""
+  """Text of `ids`, with control symbols written by name (plain `decode` drops them), on
+  one line (`one_line`)."""
   names = {i: piece for piece, i in symbol_ids(sp).items()}
   parts, run = [], []
   for i in map(int, ids):
@@ -118,14 +247,15 @@ def decode_with_symbols(sp: spm.SentencePieceProcessor, ids) -> str:
     else:
       run.append(i)
   parts.append(sp.decode(run))
-  return ' '.join(p for p in parts if p)
+  return one_line(' '.join(p for p in parts if p))
 
 
 def load_or_train(config, workdir: str, sentences: list[str],
                   control_symbols: tuple[str, ...] = ()) -> spm.SentencePieceProcessor:
   """The SentencePiece model in {workdir}/tokenizer/spm.model, trained on (at most
   `config.spm_max_sentences`, sampled with `config.seed`) `sentences` the first time and
-  reused on restarts."""
+  reused on restarts. `config.spm_byte_fallback` (False where the config lacks it)
+  applies to a new model only: a reused one keeps what it was trained with."""
   path = os.path.join(workdir, 'tokenizer', 'spm.model')
   if os.path.exists(path):
     logging.info('Reusing tokenizer %s', path)
@@ -135,7 +265,8 @@ def load_or_train(config, workdir: str, sentences: list[str],
     sentences = [sentences[i] for i in
                  rng.choice(len(sentences), config.spm_max_sentences, replace=False)]
   return train(sentences, path, config.vocab_size, config.spm_model_type,
-               config.spm_character_coverage, control_symbols)
+               config.spm_character_coverage, control_symbols,
+               byte_fallback=config.get('spm_byte_fallback', False))
 
 
 def join_words(per_word: list[list[int]], unk_id: int) -> tuple[list[int], list[int]]:
@@ -171,16 +302,18 @@ class SentencePieceTokenizer:
     return [BOS_ID] + pieces[:max_length - 2] + [EOS_ID]
 
   def encode(self, texts: list[str], max_length: int) -> list[np.ndarray]:
-    """Each text -> int32 [n] ids `BOS pieces EOS`, n <= max_length (pieces past
-    max_length - 2 are dropped)."""
-    return [np.asarray(self._wrap(ids, max_length), np.int32) for ids in self.sp.encode(texts)]
+    """Each text (`clean`ed) -> int32 [n] ids `BOS pieces EOS`, n <= max_length (pieces
+    past max_length - 2 are dropped)."""
+    return [np.asarray(self._wrap(ids, max_length), np.int32)
+            for ids in self.sp.encode([clean(t) for t in texts])]
 
   def encode_words(self, words: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
     """Pre-split words -> (ids int32 [n], word_index int32 [n]): word_index[i] = j where
     position i holds the first piece of words[j], else -1. Each word is encoded alone
-    (with SentencePiece's word-start marker, as inside a sentence); a word without
-    pieces gets UNK; words cut off by `max_length` have no position."""
-    pieces, starts = join_words(self.sp.encode(list(words)) if words else [], UNK_ID)
+    (`clean`ed, with SentencePiece's word-start marker, as inside a sentence); a word
+    without pieces gets UNK; words cut off by `max_length` have no position."""
+    pieces, starts = join_words(self.sp.encode([clean(w) for w in words]) if words else [],
+                                UNK_ID)
     ids = self._wrap(pieces, max_length)
     word_index = [-1] + starts[:len(ids) - 2] + [-1]
     return np.asarray(ids, np.int32), np.asarray(word_index, np.int32)

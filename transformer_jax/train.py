@@ -361,6 +361,32 @@ class _StopOnInterrupt:
     os._exit(130)  # Waiting for the computation or the writer threads would take long.
 
 
+class _ConsoleAboveBar(py_logging.Handler):
+  """While the progress bar is open, console log records (absl's handler, WARNING and
+  above) are written above the bar with `tqdm.write`, each on its own line, instead of onto
+  the end of the bar's line. Installed when built, until `restore`."""
+
+  def __init__(self):
+    self.root, self.console = py_logging.getLogger(), logging.get_absl_handler()
+    super().__init__(self.console.level)
+    self.installed = self.console in self.root.handlers
+    if self.installed:
+      self.root.removeHandler(self.console)
+      self.root.addHandler(self)
+
+  def emit(self, record):
+    try:
+      tqdm.tqdm.write(self.console.format(record), file=sys.stderr)
+    except Exception:  # pylint: disable=broad-except
+      self.handleError(record)
+
+  def restore(self) -> None:
+    if self.installed:
+      self.root.removeHandler(self)
+      self.root.addHandler(self.console)
+      self.installed = False
+
+
 class _Throughput:
   """Counts steps and a task's `batch_stats` (examples, real tokens, computed positions,
   model FLOPs) between logs; `summary` turns them into rates and MFU against
@@ -477,6 +503,7 @@ def _train(config, workdir: str) -> TrainState:
   writer = tensorboard.SummaryWriter(os.path.join(workdir, 'tensorboard'))
   bar = tqdm.tqdm(total=config.num_train_steps, initial=start_step, unit='step',
                   dynamic_ncols=True, desc='train')
+  console = _ConsoleAboveBar()
   checkpoint_dir = str(manager.directory)
   if resuming:
     _log(bar, f'Resuming from step {start_step}: restored '
@@ -564,6 +591,7 @@ def _train(config, workdir: str) -> TrainState:
     raise
   finally:
     interrupt.restore()
+    console.restore()
     bar.close()
     writer.close()
     manager.wait_until_finished()

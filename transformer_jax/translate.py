@@ -2,9 +2,13 @@
 
 `Translator.translate(sentences)` keeps the number and order of lines. Sources are
 grouped into length buckets and every batch of a bucket has one shape, so the search
-compiles once per bucket. An empty line gives an empty line. A source longer than
-`max_source_length` is translated in full (in a bucket of its own length, rounded up to a
-multiple of 64) with a warning.
+compiles once per bucket. Each line is normalized as in training (`tokenizer`'s module
+docstring: whitespace, tabs and NBSP are spaces, control and zero-width characters are
+removed, NFD composes), so it never splits or merges lines; a line that is empty after
+that gives an empty line, and every output is one line (`tokenizer.one_line`). A source
+longer than `max_source_length` is translated in full (in a bucket of its own length,
+rounded up to a multiple of 64) with one warning per input. The unknown-piece rate of
+the input is logged, with a warning above 0.1% (`tokenizer.check_unknown`).
 
 Sampling (`decoding='sample'`) is reproducible whatever the batching: each sentence draws
 from its own random stream, fold_in(PRNGKey(seed), `sample_ids`), which depends on the
@@ -28,9 +32,21 @@ from transformer_jax import data
 from transformer_jax import decode
 from transformer_jax import models
 from transformer_jax import sharding
+from transformer_jax import tokenizer
 from transformer_jax.tokenizer import EOS_ID
 
 _LONG_QUANTUM = 64  # Over-long sources are padded to a multiple of this.
+# What the warnings of --mode=translate call its input: main.py sets the --input file
+# (or 'stdin').
+INPUT_NAME = 'translate input'
+
+
+def _line_numbers(numbers: list[int], shown: int = 10) -> str:
+  """'line 4' or 'lines 1, 4, 5 and 3 more' (1-based)."""
+  if len(numbers) == 1:
+    return f'line {numbers[0]}'
+  text = ', '.join(map(str, numbers[:shown]))
+  return f'lines {text}' + (f' and {len(numbers) - shown} more' if len(numbers) > shown else '')
 
 
 def max_output_length(source_length, ratio: float, offset: int):
@@ -77,6 +93,7 @@ class Translator:
     self.model, self.params, self.sp, self.config, self.mesh = model, params, sp, config, mesh
     self.lengths = data.bucket_lengths(config.max_source_length, config.length_bucket_step)
     self._compiled = {}
+    self._warned = set()  # Inputs already warned about over-long lines (once each).
 
   def _rows(self, length: int) -> int:
     """Batch rows for sources padded to `length`: decode_batch_tokens / (length * beams)."""
@@ -136,20 +153,41 @@ class Translator:
           outputs[i] = out[:end[0]] if end.size else out[out != 0]
     return outputs
 
-  def translate(self, sentences: list[str]) -> list[str]:
-    """Raw sentences -> detokenized translations, one per input line, same order."""
+  def translate(self, sentences: list[str], name: str = 'input',
+                check_unknown: bool = True) -> list[str]:
+    """Raw sentences -> detokenized translations, one line per input line, same order.
+
+    Args:
+      sentences: one sentence per item, normalized here (module docstring).
+      name: what the sentences are, for the warnings ("split 'test_2016' sources (de)",
+        '--input=in.txt').
+      check_unknown: log their unknown-piece rate (`tokenizer.check_unknown`); off where
+        the caller has already reported it.
+
+    Returns:
+      One line (no line break) per sentence; '' for a sentence without pieces.
+    """
     cfg = self.config
-    todo = [i for i, s in enumerate(sentences) if s.strip()]
-    sources = [np.asarray(ids + [EOS_ID], np.int32)
-               for ids in self.sp.encode([sentences[i] for i in todo])]
+    encoded = self.sp.encode([tokenizer.clean(s) for s in sentences])
+    if check_unknown:
+      tokenizer.check_unknown(encoded, name)
+    todo = [i for i, ids in enumerate(encoded) if ids]
+    sources = [np.asarray(encoded[i] + [EOS_ID], np.int32) for i in todo]
     too_long = [todo[j] + 1 for j, ids in enumerate(sources) if len(ids) > cfg.max_source_length]
     if too_long:
-      logging.warning('%d lines are longer than max_source_length=%d tokens and are translated '
-                      'in full, beyond the lengths seen in training (lines %s)', len(too_long),
-                      cfg.max_source_length, too_long[:10])
+      one = len(too_long) == 1
+      message = (f'{name}: {len(too_long)} {"line is" if one else "lines are"} longer than '
+                 f'max_source_length={cfg.max_source_length} tokens and '
+                 f'{"is" if one else "are"} translated in full, beyond the lengths seen in '
+                 f'training ({_line_numbers(too_long)})')
+      if name in self._warned:  # Once per input: validation BLEU translates it again.
+        logging.info('%s', message)
+      else:
+        self._warned.add(name)
+        logging.warning('%s', message)
     results = [''] * len(sentences)
     for i, ids in zip(todo, self.translate_ids(sources)):
-      results[i] = self.sp.decode(ids.tolist())
+      results[i] = tokenizer.one_line(self.sp.decode(ids.tolist()))
     return results
 
 

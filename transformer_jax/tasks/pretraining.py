@@ -101,7 +101,7 @@ class PretrainingTask(base.Task):
   def _encode(self, sentences: list[str]) -> list[np.ndarray]:
     """Pieces of each sentence, int32 [<= `_max_pieces()`], no EOS; empty ones dropped."""
     limit = self._max_pieces()
-    return [np.asarray(ids[:limit], np.int32) for ids in self.sp.encode(sentences) if ids]
+    return [np.asarray(ids[:limit], np.int32) for ids in self.sp.encode([tokenizer.clean(s) for s in sentences]) if ids]
 
   def describe(self) -> str:
     return (f'{type(self.model).__name__} pretrained with {self.config.task}, vocab '

@@ -5,7 +5,9 @@ one joint SentencePiece model for both sides. Training batches are packed or
 length-bucketed pairs {'inputs', 'targets'} (+ `data.PACKING_KEYS`); the loss is
 `config.loss` over target tokens (logits [B, T, V], targets [B, T], weights [B, T]).
 Evaluation: loss, perplexity and token accuracy every `eval_every_steps`; validation
-BLEU by beam search every `bleu_every_steps`, which picks the best checkpoint.
+BLEU by beam search every `bleu_every_steps`, which picks the best checkpoint. Scores
+compare hypotheses and references normalized alike (`scoring`). The unknown-piece rate
+of every split read is logged, with a warning above 0.1% (`tokenizer.check_unknown`).
 Prediction: translation of raw lines (`transformer_jax.translate`).
 """
 from __future__ import annotations
@@ -67,14 +69,18 @@ def evaluate(eval_fn, params, batcher: data.Batcher, eval_ds, mesh, num_batches:
 
 
 def score_split(translator: translate.Translator, sources: list[str], references: list[str],
-                workdir: str, name: str) -> dict:
+                workdir: str, name: str, source_name: str = 'sources',
+                check_unknown: bool = True) -> dict:
   """Translates `sources`, writes them to {workdir}/translations/{name}.txt (one line per
-  source line) and returns `scoring.score` against `references`."""
-  hypotheses = translator.translate(sources)
+  source line) and returns `scoring.score` against `references` (both normalized alike).
+
+  `source_name` names the sources in the translator's warnings (unknown pieces, unless
+  not `check_unknown`, and over-long lines, once per name)."""
+  hypotheses = translator.translate(sources, source_name, check_unknown)
   folder = os.path.join(workdir, 'translations')
   os.makedirs(folder, exist_ok=True)
   path = os.path.join(folder, f'{name}.txt')
-  with open(path, 'w', encoding='utf-8') as f:
+  with open(path, 'w', encoding='utf-8', newline='\n') as f:
     f.writelines(h + '\n' for h in hypotheses)
   result = scoring.score(hypotheses, references)
   logging.info('%s: BLEU %.2f (%s), chrF %.2f, lowercased BLEU %.2f; hypotheses in %s', name,
@@ -120,8 +126,10 @@ class TranslationTask(base.Task):
       self.test_text = (data.load_pairs(cfg, cfg.test_split, workdir)
                         if cfg.test_split else None)
       self.sp = tokenizer.load_or_train(cfg, workdir, train_src + train_tgt)
-      self.train_src, self.train_tgt = data.tokenize_pairs(self.sp, train_src, train_tgt, cfg)
-      eval_src, eval_tgt = data.tokenize_pairs(self.sp, *self.eval_text, cfg)
+      self.train_src, self.train_tgt = data.tokenize_pairs(self.sp, train_src, train_tgt, cfg,
+                                                           f'split {cfg.train_split!r}')
+      eval_src, eval_tgt = data.tokenize_pairs(self.sp, *self.eval_text, cfg,
+                                               f'split {cfg.eval_split!r}')
     else:
       spm_path = os.path.join(workdir, 'tokenizer', 'spm.model')
       if not os.path.exists(spm_path):
@@ -180,8 +188,11 @@ class TranslationTask(base.Task):
                       cfg.num_eval_batches)
     if cfg.bleu_every_steps and (step % cfg.bleu_every_steps == 0 or last):
       self.translator.params = params
+      # Its unknown pieces were reported when the split was tokenized (setup).
+      source_name = self._source_name(cfg.eval_split)
       result['bleu'] = score_split(self.translator, *self.eval_text, self.workdir,
-                                   f'{cfg.eval_split}-step{step}')['bleu']
+                                   f'{cfg.eval_split}-step{step}', source_name,
+                                   check_unknown=False)['bleu']
     return result, None
 
   def format_eval(self, scalars):
@@ -195,7 +206,8 @@ class TranslationTask(base.Task):
     text = (self.test_text if split == self.config.test_split and self.test_text
             else data.load_pairs(self.config, split, self.workdir))
     self.translator.params = params
-    result = score_split(self.translator, *text, self.workdir, f'{split}-{name}')
+    result = score_split(self.translator, *text, self.workdir, f'{split}-{name}',
+                         self._source_name(split))
     cfg = self.config
     decoding = f'beam {cfg.beam_size}' if cfg.decoding == 'beam' else cfg.decoding
     report = (f'{split} ({name}, {decoding}):\n' + scoring.report(result)
@@ -203,6 +215,9 @@ class TranslationTask(base.Task):
               + os.path.join(self.workdir, 'translations', f'{split}-{name}.txt'))
     return {k: v for k, v in result.items() if isinstance(v, float)}, report
 
+  def _source_name(self, split: str) -> str:
+    return f'split {split!r} sources ({self.config.source_lang})'
+
   def predict(self, params, lines):
     self.translator.params = params
-    return self.translator.translate(lines)
+    return self.translator.translate(lines, translate.INPUT_NAME)
