@@ -220,7 +220,7 @@ def test_cli_masked_lm_then_tagging_loads_the_encoder_and_a_new_head(mono_dir, t
   # A tokenizer other than the pretrained run's is a one-line error naming both files.
   (tagger / 'tokenizer' / 'spm.model').write_bytes(b'not the same')
   proc = run_main('--config=configs/germeval_from_mlm.py:tiny', f'--workdir={tagger}',
-                  f'--config.init_from={pretrained}', '--config.test_split=')
+                  f'--config.init_from={pretrained}', '--config.test_split=', *FEW_SHAPES)
   assert proc.returncode != 0
   error = proc.stderr.strip().splitlines()[-1]
   assert str(tagger / 'tokenizer' / 'spm.model') in error, error
