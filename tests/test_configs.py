@@ -51,3 +51,13 @@ def test_unknown_field_is_an_error():
   config.d_modle = 128
   with pytest.raises(config_schema.ConfigError, match='config.d_modle: unknown field'):
     config_schema.validate(config)
+
+
+def test_model_config_is_checked_only_once_a_checkpoint_exists(tmp_path):
+  config = mt.get_config('tiny')
+  config_schema.save_model_config(config, 500, str(tmp_path))
+  config.d_model = 64  # A first start that stopped at an error trained nothing: allowed.
+  config_schema.check_model_config(config, str(tmp_path))
+  (tmp_path / 'checkpoints' / '10').mkdir(parents=True)
+  with pytest.raises(config_schema.ConfigError, match='config.d_model=64, but the model'):
+    config_schema.check_model_config(config, str(tmp_path))

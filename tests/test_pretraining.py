@@ -246,3 +246,11 @@ def test_cli_span_corruption_then_translation_loads_every_parameter(mono_dir, tm
   assert summary.endswith(' loaded, 0 initialized, 0 kept by init_rules, 0 unused, 0 shape '
                           'mismatches'), summary
   assert 'train_fraction=0.02: the first 580 of 29000' in (translator / 'train.log').read_text()
+
+
+def test_masked_lm_predict_cuts_a_line_longer_than_max_length(mlm_task):
+  params = mlm_task.init_params(jax.random.PRNGKey(0))
+  long_line = ' '.join(['Ein Hund <mask> über die Wiese .'] * 12)  # About 90 pieces > 32.
+  out = mlm_task.predict(params, ['Ein <mask> .', long_line, ''])
+  assert len(out) == 3 and out[2] == '' and '<mask>' not in out[0] + out[1]
+  assert out[1].startswith('Ein Hund') and len(out[1]) < len(long_line)

@@ -258,10 +258,11 @@ def load_model_config(workdir: str) -> dict:
 def check_model_config(config, workdir: str) -> None:
   """Raises ConfigError naming the first field that differs from the one the checkpoints in
   `workdir` were trained with: the task, then its labels and pooling, then the model's
-  shape (nothing to check if the workdir has no record)."""
+  shape (nothing to check if the workdir has no record or no checkpoint)."""
   trained = load_model_config(workdir)
-  if not trained:
-    return
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  if not trained or not (os.path.isdir(checkpoints) and os.listdir(checkpoints)):
+    return  # Nothing was trained yet (e.g. a first start that stopped at an error).
   task = trained.get('task', 'translation')
   if config.task != task:
     raise ConfigError(f'config.task={config.task!r}, but {workdir} holds a {task!r} model: '

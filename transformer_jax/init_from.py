@@ -128,8 +128,10 @@ class Report:
 
   def log(self) -> str:
     """Logs (absl INFO) the summary, one line per category (count, then the names
-    comma-joined) and the notes; returns the summary."""
+    comma-joined) and the notes; prints the summary on the console (stdout, with a pointer
+    to train.log for the names); returns the summary."""
     summary = self.summary()
+    print(f'{summary} (names in train.log)', flush=True)
     logging.info('%s', summary)
     for what, names in (('loaded', self.loaded), ('initialized', self.initialized),
                         ('kept by init_rules', self.kept), ('unused', self.unused),

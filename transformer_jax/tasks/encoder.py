@@ -163,6 +163,12 @@ class EncoderTask(base.Task):
     cfg = self.config
     if self.source_run:
       architecture = source_architecture(self.source_run, cfg)
+      ignored = [f'{name}={cfg[name]} (the source has {getattr(architecture, name)})'
+                 for name in ('d_model', 'num_heads', 'd_ff', 'num_encoder_layers')
+                 if name in cfg and cfg[name] != getattr(architecture, name)]
+      if ignored:
+        logging.warning('init_from=%s: the model is the source run\'s; config fields ignored: '
+                        '%s', cfg.init_from, ', '.join(ignored))
       self._check_positions(architecture)
       init_from.copy_tokenizer(self.source_run, self.workdir)
       return self._load_tokenizer(), architecture

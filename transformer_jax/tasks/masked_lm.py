@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -146,10 +147,15 @@ class MaskedLMTask(pretraining.PretrainingTask):
     for i, line in enumerate(lines):
       if not line.strip():
         continue
-      ids = np.asarray([BOS_ID] + tokenizer.encode_with_symbols(self.sp, line) + [EOS_ID],
-                       np.int32)
-      padded = np.zeros((self.mesh.size, self.batcher.lengths[-1]), np.int32)
-      padded[0, :len(ids)] = ids[:padded.shape[1]]
+      pieces = tokenizer.encode_with_symbols(self.sp, line)
+      limit = self.batcher.lengths[-1]
+      if len(pieces) > limit - 2:
+        logging.warning('line %d: %d pieces, more than max_length=%d allows: only the first '
+                        '%d are read and filled in', i + 1, len(pieces), limit, limit - 2)
+        pieces = pieces[:limit - 2]
+      ids = np.asarray([BOS_ID] + pieces + [EOS_ID], np.int32)
+      padded = np.zeros((self.mesh.size, limit), np.int32)
+      padded[0, :len(ids)] = ids
       logits = np.array(self._predict_fn(params, sharding.put_batch(
           {'inputs': padded}, self.mesh)['inputs']))[0, :len(ids)]
       logits[:, :self.first_text_id] = -np.inf  # Never a special or reserved piece.
