@@ -351,6 +351,7 @@ def test_rerun_or_eval_with_another_task_labels_or_pooling_is_one_line(tmp_path)
   config = encoder_config.get_config('tiny')
   config_schema.save_model_config(config, 500, str(tmp_path), extra={
       'task': 'classification', 'labels': ['0', '1'], 'pooling': 'mean'})
+  (tmp_path / 'checkpoints' / '10').mkdir(parents=True)  # A model was trained.
   config_schema.check_model_config(config, str(tmp_path))  # The same config passes.
   for field, value, message in (
       ('pooling', 'first', "config.pooling='first', but the model in"),
