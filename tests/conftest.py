@@ -30,15 +30,20 @@ def head(path: str, n: int) -> list[str]:
     return [next(f).rstrip('\n') for _ in range(n)]
 
 
-@pytest.fixture(scope='session')
-def small_text_dir(data_dir, tmp_path_factory) -> str:
-  """A 'text' dataset: train = first 256 Multi30k train pairs, val = first 64 val pairs."""
-  out = tmp_path_factory.mktemp('text')
-  for split, prefix, n in (('train', 'train', 256), ('val', 'val', 64)):
+def write_text_dataset(out, data_dir: str, num_train: int, num_val: int) -> str:
+  """A 'text' dataset in `out`: train = the first `num_train` Multi30k train pairs, val =
+  the first `num_val` val pairs."""
+  for split, prefix, n in (('train', 'train', num_train), ('val', 'val', num_val)):
     for lang in ('de', 'en'):
       lines = head(os.path.join(data_dir, f'{prefix}.{lang}.gz'), n)
       (out / f'{split}.{lang}').write_text('\n'.join(lines) + '\n', encoding='utf-8')
   return str(out)
+
+
+@pytest.fixture(scope='session')
+def small_text_dir(data_dir, tmp_path_factory) -> str:
+  """A 'text' dataset: train = first 256 Multi30k train pairs, val = first 64 val pairs."""
+  return write_text_dataset(tmp_path_factory.mktemp('text'), data_dir, 256, 64)
 
 
 def tiny_config(text_dir: str, **overrides):

@@ -14,7 +14,7 @@ import pytest
 import tqdm
 
 from configs import encoder, germeval, mt, pretrain_mlm_de, pretrain_span
-from tests.conftest import REPO, head, tiny_config
+from tests.conftest import REPO, tiny_config, write_text_dataset
 from transformer_jax import config_schema, train
 
 
@@ -22,12 +22,7 @@ from transformer_jax import config_schema, train
 def text8_dir(data_dir, tmp_path_factory) -> str:
   """A 'text' dataset: train = the first 256 Multi30k train pairs, val = 8 val pairs
   (validation BLEU in a second)."""
-  out = tmp_path_factory.mktemp('text8')
-  for split, prefix, n in (('train', 'train', 256), ('val', 'val', 8)):
-    for lang in ('de', 'en'):
-      lines = head(os.path.join(data_dir, f'{prefix}.{lang}.gz'), n)
-      (out / f'{split}.{lang}').write_text('\n'.join(lines) + '\n', encoding='utf-8')
-  return str(out)
+  return write_text_dataset(tmp_path_factory.mktemp('text8'), data_dir, 256, 8)
 
 
 def _config(text_dir, **overrides):

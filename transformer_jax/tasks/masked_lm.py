@@ -31,6 +31,7 @@ from transformer_jax import noising
 from transformer_jax import sharding
 from transformer_jax import tokenizer
 from transformer_jax.tasks import pretraining
+from transformer_jax.tasks import translation
 from transformer_jax.tokenizer import BOS_ID, EOS_ID
 
 
@@ -127,15 +128,9 @@ class MaskedLMTask(pretraining.PretrainingTask):
             'flops': 3 * flops.encoder_forward_flops(self.model.config, rows, length, head)}
 
   def evaluate(self, params, step, last):
-    sums = []
-    for i, batch in enumerate(self.eval_ds.as_numpy_iterator()):
-      if i == self.config.num_eval_batches:
-        break
-      sums.append(self._eval_step(params, sharding.put_batch(self.batcher.pad_rows(batch),
-                                                             self.mesh)))
-    totals = jax.tree.map(lambda *x: float(np.sum(x)), *jax.device_get(sums))
-    n = max(totals['num_tokens'], 1.0)
-    return {'loss': totals['nll'] / n, 'accuracy': totals['correct'] / n}, None
+    # The eval step returns translation's sums (nll, correct, num_tokens): one reduction.
+    return translation.evaluate(self._eval_step, params, self.batcher, self.eval_ds,
+                                self.mesh, self.config.num_eval_batches), None
 
   def format_eval(self, scalars):
     return f"eval MLM loss {scalars['loss']:.4f} acc {scalars['accuracy']:.4f}"
