@@ -1,0 +1,22 @@
+"""Shared pieces of the config files (configs/*.py are the configs themselves)."""
+
+
+def add_peft_fields(c) -> None:
+  """Sets the parameter-efficient fine-tuning fields of config `c` to their defaults
+  (no PEFT). A PEFT run trains only an adapter beside the frozen base model named by
+  `config.init_from`; see transformer_jax/peft/ and the README's PEFT section."""
+  # '' (train every parameter), 'lora', 'adapter', 'prefix', 'prompt' or 'ia3'.
+  c.peft_method = ''
+  # Base parameters trained in full beside the adapter (regexes over
+  # '/'-joined names); the classification and tagging heads are new, so trained.
+  c.peft_modules_to_save = (r'head/.*',)
+  c.lora_rank = 8             # LoRA rank r (Hu et al. 2021).
+  c.lora_alpha = 16.0         # The update is scaled by lora_alpha / lora_rank.
+  c.lora_dropout = 0.0        # Dropout on the LoRA branch's input.
+  # Layers that get LoRA: regexes fullmatching a module path
+  # ('decoder/layers_0/cross_attention/query') or its last name.
+  c.lora_targets = ('query', 'value')
+  c.adapter_size = 64         # Bottleneck width of the adapters (Houlsby et al. 2019).
+  c.prefix_length = 16        # Prefix positions per attention (Li & Liang 2021).
+  c.prefix_mlp_hidden = 0     # > 0: prefixes from an MLP of this width (section 4.3).
+  c.prompt_length = 20        # Soft-prompt length on the encoder input (Lester et al. 2021).

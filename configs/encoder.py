@@ -4,8 +4,12 @@
 every field has a comment. `--config=configs/encoder.py:tiny` is a seconds-long model.
 """
 import os
+import sys
 
 import ml_collections
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import add_peft_fields  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Folder holding the shared data sets (sst2/, germeval2014/, multi30k/); by default
 # ../shared/data beside the checkout.
@@ -65,6 +69,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   # checkpoint name (re.Match.expand); None keeps the initial value; no match: same name.
   c.init_rules = ()
   c.init_strict = False       # True: every parameter loaded and every value used.
+  add_peft_fields(c)          # Parameter-efficient fine-tuning: configs/__init__.py.
   c.pooling = 'mean'          # classification: 'first' token ([CLS]/BOS) or 'mean'.
   c.d_model = 256
   c.num_heads = 4

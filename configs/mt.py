@@ -5,8 +5,12 @@
 Every field can be overridden on the command line: `--config.num_train_steps=100`.
 """
 import os
+import sys
 
 import ml_collections
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import add_peft_fields  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Environment variable naming the folder with the raw Multi30k files
 # (train.de.gz, val.en.gz, ...). Empty: download them (needs internet).
@@ -71,6 +75,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   # names (first fullmatch wins; None keeps the initial value; no match: same name).
   c.init_rules = ()
   c.init_strict = False       # True: every parameter loaded and every value used.
+  add_peft_fields(c)          # Parameter-efficient fine-tuning: configs/__init__.py.
 
   # --- Loss ---------------------------------------------------------------
   # 'cross_entropy' or a user's JAX function by import path ('my_pkg.losses:focal')

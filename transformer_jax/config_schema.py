@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Callable
 
 
@@ -24,6 +25,15 @@ _any = (lambda v: True, '')
 def _one_of(*choices):
   return (lambda v: v in choices, f'must be one of {choices}')
 
+
+def _valid_regexes(values) -> bool:
+  try:
+    return all(isinstance(v, str) and re.compile(v) is not None for v in values)
+  except re.error:
+    return False
+
+
+_regexes = (_valid_regexes, 'must be valid regexes')
 
 # field -> (type(s), (predicate, what the predicate requires)). Fields every task has:
 SCHEMA: dict[str, tuple[Any, tuple[Callable[[Any], bool], str]]] = {
@@ -86,6 +96,18 @@ SCHEMA: dict[str, tuple[Any, tuple[Callable[[Any], bool], str]]] = {
                       and (r[1] is None or isinstance(r[1], str)) for r in v),
         'must be (regex, replacement or None) pairs')),
     'init_strict': (bool, _any),
+    # Parameter-efficient fine-tuning (transformer_jax/peft/), beside a frozen init_from.
+    'peft_method': (str, _one_of('', 'lora', 'adapter', 'prefix', 'prompt', 'ia3')),
+    'peft_modules_to_save': ((tuple, list), _regexes),
+    'lora_rank': (int, _positive),
+    'lora_alpha': (float, _positive),
+    'lora_dropout': (float, _probability),
+    'lora_targets': ((tuple, list), (lambda v: len(v) > 0 and _regexes[0](v),
+                                     'must be one or more valid regexes')),
+    'adapter_size': (int, _positive),
+    'prefix_length': (int, _positive),
+    'prefix_mlp_hidden': (int, _non_negative),
+    'prompt_length': (int, _positive),
 }
 
 # Fields of task 'translation' (transformer_jax/tasks/translation.py).
@@ -225,6 +247,12 @@ def validate(config) -> None:
   if 'labels' in schema and config.labels and config.labels_file:
     raise ConfigError(f'config.labels_file={config.labels_file!r}: config.labels is set too '
                       f'({tuple(config.labels)!r}); pass --config.labels="()" to use the file')
+  if config.peft_method and not config.init_from:
+    raise ConfigError(f'config.peft_method={config.peft_method!r}: needs config.init_from, the '
+                      'base model the adapter is trained on (a workdir, a checkpoint or hf:)')
+  if config.peft_method == 'prompt' and config.get('pack_examples'):
+    raise ConfigError("config.peft_method='prompt': one prompt per row would join the pairs "
+                      'packed into it; set config.pack_examples=False')
   check_cadences(config)
 
 
@@ -311,8 +339,10 @@ RESUME_FIXED_FIELDS = (
     'd_model', 'num_heads', 'd_ff', 'num_encoder_layers', 'num_decoder_layers',
     'share_embeddings', 'pooling', 'dropout_rate', 'attention_dropout_rate', 'dtype',
     'param_dtype',
-    # Its initialization (read once, at the first start).
-    'init_from', 'init_rules', 'init_strict',
+    # Its initialization (read once, at the first start), and the adapter trained on it.
+    'init_from', 'init_rules', 'init_strict', 'peft_method', 'peft_modules_to_save',
+    'lora_rank', 'lora_alpha', 'lora_dropout', 'lora_targets', 'adapter_size',
+    'prefix_length', 'prefix_mlp_hidden', 'prompt_length',
     # The optimizer (its state in the checkpoint) and its schedule.
     'optimizer', 'learning_rate', 'warmup_steps', 'schedule', 'adam_b1', 'adam_b2',
     'adam_eps', 'momentum', 'nesterov', 'weight_decay', 'max_grad_norm',

@@ -8,6 +8,8 @@ section 6.1), accumulated in float32 (`average_params`).
 """
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from typing import Any, TextIO
 
@@ -17,6 +19,7 @@ import jax.numpy as jnp
 
 from transformer_jax import checkpoints
 from transformer_jax import optim
+from transformer_jax import peft
 from transformer_jax import sharding
 from transformer_jax import tasks
 
@@ -25,15 +28,31 @@ def load_task(config, workdir: str, checkpoint: str = 'best') -> tuple[tasks.Tas
   """The run's task (set up for eval/predict), the parameters of a checkpoint and a name
   for what was loaded ('step1200', 'best-step900', 'avg3-step1200').
 
+  A PEFT run's workdir (it has adapter_config.json) gives `peft.Params`: the base of
+  `config.init_from` (by default the one recorded in adapter_config.json), checked against
+  the recorded fingerprint, and the adapter of the checkpoint.
+
   Raises:
     FileNotFoundError: the workdir has no tokenizer or no checkpoint.
     config_schema.ConfigError: a model field differs from the trained model's.
+    peft.AdapterError: the base or tokenizer differs from the adapter's.
   """
   from transformer_jax import train  # pylint: disable=g-import-not-at-top (cycle)
   mesh = sharding.make_mesh()
+  adapter = peft.Adapter.from_workdir(workdir)
+  if adapter is not None and not config.init_from:  # The base the adapter was trained on.
+    config = config.copy_and_resolve_references()
+    config.init_from = peft.load_config(workdir)['base']
   task = tasks.create(config, workdir, mesh)
+  task.peft = adapter
   task.setup(training=False)
+  if adapter is not None:
+    adapter.bind(task)
   state = train.create_state(task, optim.make_optimizer(config), config.seed, mesh)
+  view = lambda params: params
+  if adapter is not None:
+    adapter.check(workdir)
+    view = adapter.view
   latest = checkpoints.make_manager(workdir, config.keep_checkpoints)
   best = checkpoints.make_manager(workdir, 1, subdir='best')
   try:
@@ -46,14 +65,14 @@ def load_task(config, workdir: str, checkpoint: str = 'best') -> tuple[tasks.Tas
       if len(steps) < config.average_checkpoints:
         logging.warning('Averaging %d checkpoints, fewer than the %d asked for', len(steps),
                         config.average_checkpoints)
-      return task, averaged, f'avg{len(steps)}-step{steps[-1]}'
+      return task, view(averaged), f'avg{len(steps)}-step{steps[-1]}'
     manager, prefix = latest, ''
     if checkpoint == 'best' and best.latest_step() is not None:
       manager, prefix = best, 'best-'
     step = manager.latest_step()
     if step is None:
       raise FileNotFoundError(f'{latest.directory}: no checkpoints')
-    return task, checkpoints.restore(manager, state, step).params, f'{prefix}step{step}'
+    return task, view(checkpoints.restore(manager, state, step).params), f'{prefix}step{step}'
   finally:
     latest.close()
     best.close()
@@ -108,3 +127,45 @@ def run_predict(config, workdir: str, source: TextIO = sys.stdin,
     target.write(output + '\n')
   target.flush()
   return len(lines)
+
+
+def run_merge(config, workdir: str, output: str, checkpoint: str = 'best') -> str:
+  """Folds the adapter of a LoRA or IA3 run (`workdir`) into its base and writes a plain
+  run folder `output` (tokenizer/, model_config.json, checkpoints/STEP with the merged
+  parameters and a fresh optimizer state): `--mode=eval/predict --workdir=output`, or
+  `init_from=output`, use it like any trained model, without the adapter.
+
+  Returns:
+    The checkpoint folder written.
+
+  Raises:
+    peft.AdapterError: `workdir` is not a PEFT run, its method cannot be merged, or its
+      base differs from the recorded one.
+    FileExistsError: `output` already holds checkpoints.
+  """
+  from transformer_jax import train  # pylint: disable=g-import-not-at-top (cycle)
+  if peft.load_config(workdir) is None:
+    raise peft.AdapterError(f'--workdir={workdir}: no {peft.CONFIG_FILE}; not a PEFT run')
+  task, params, name = load_task(config, workdir, checkpoint)
+  merged = task.peft.merged(params.trainable)
+  manager = checkpoints.make_manager(output, 1)
+  try:
+    if manager.latest_step() is not None:
+      raise FileExistsError(f'--output={output}: already holds checkpoints')
+    for entry in ('tokenizer', 'model_config.json'):
+      source = os.path.join(workdir, entry)
+      if os.path.isdir(source):
+        shutil.copytree(source, os.path.join(output, entry), dirs_exist_ok=True)
+      elif os.path.exists(source):
+        shutil.copy(source, os.path.join(output, entry))
+    step = int(name.rsplit('step', 1)[1])
+    optimizer = optim.make_optimizer(config)
+    state = train.TrainState(step=jnp.asarray(step, jnp.int32), params=merged,
+                             opt_state=optimizer.init(merged))
+    checkpoints.save(manager, state)
+    manager.wait_until_finished()
+  finally:
+    manager.close()
+  path = os.path.join(output, 'checkpoints', str(step))
+  print(f'merged {task.peft.method.name} ({name} of {workdir}) into its base: {path}')
+  return path

@@ -5,6 +5,10 @@ tagging).
   python -m transformer_jax.main --config=configs/mt.py --workdir=DIR --mode=eval --split=test_2016
   python -m transformer_jax.main --config=configs/mt.py --workdir=DIR --mode=predict \
       [--input=FILE] [--output=FILE]                                             # stdin/stdout
+  python -m transformer_jax.main --config=C --workdir=ADAPTER_RUN --mode=merge --output=DIR
+
+A PEFT run's workdir (`config.peft_method`) holds only its adapter; eval, predict and
+merge reload the base it records in adapter_config.json and refuse a different one.
 
 `--mode=translate` is `--mode=predict` of a translation model. Input lines end at '\n'
 only ('\r', '\x0b', '\x0c', '\x1c'-'\x1e', '\x85', '\u2028' and '\u2029' stay inside
@@ -44,13 +48,16 @@ flags.DEFINE_string('workdir', None, 'Folder for everything the run writes (toke
                     '(translation), runs/<config file name> (other tasks).')
 config_flags.DEFINE_config_file('config', 'configs/mt.py', 'Config file (path[:variant]).',
                                 lock_config=True)
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'translate'],
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'translate', 'merge'],
                   'train; eval: score a checkpoint on --split and print the report; predict '
-                  '(translate): one output line per line of --input, written to --output.')
+                  '(translate): one output line per line of --input, written to --output; '
+                  'merge: fold a LoRA/IA3 run\'s adapter into its base, written as a plain '
+                  'run folder to --output.')
 flags.DEFINE_string('split', None, 'eval: the split to score (default: config.test_split).')
 flags.DEFINE_string('input', None, 'predict: input lines: sentences to translate or classify, '
                     'or whitespace-separated words to tag (default: stdin).')
-flags.DEFINE_string('output', None, 'predict: where the outputs go (default: stdout).')
+flags.DEFINE_string('output', None, 'predict: where the outputs go (default: stdout); '
+                    'merge: the run folder to write (required).')
 flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'],
                   "eval/predict: the best checkpoint by the task's validation metric, or the "
                   'latest.')
@@ -157,6 +164,8 @@ def main(argv):
     hint = (f' (or set ${SHARED_DATA_ENV} to the folder holding sst2/ and germeval2014/)'
             if config.task != 'translation' else '')
     sys.exit(f'error: config.data_dir={config.data_dir!r}: no such folder{hint}')
+  if FLAGS.mode == 'merge' and not FLAGS.output:
+    sys.exit('error: --mode=merge needs --output=DIR, the run folder to write')
   print(f'workdir: {os.path.abspath(workdir)}', file=sys.stderr)
   if FLAGS.input and not os.path.isfile(FLAGS.input):
     sys.exit(f'error: --input={FLAGS.input}: no such file')
@@ -172,13 +181,15 @@ def main(argv):
       train.train_and_evaluate(config, workdir)
     elif FLAGS.mode == 'eval':
       evaluation.run_eval(config, workdir, FLAGS.split or config.test_split, FLAGS.checkpoint)
+    elif FLAGS.mode == 'merge':
+      evaluation.run_merge(config, workdir, FLAGS.output, FLAGS.checkpoint)
     else:
       translate.INPUT_NAME = f'--input={FLAGS.input}' if FLAGS.input else 'stdin'
       with contextlib.ExitStack() as files:
         source, target = _text_streams(files, FLAGS.input, FLAGS.output)
         evaluation.run_predict(config, workdir, source, target, FLAGS.checkpoint)
   except (config_schema.ConfigError, multi30k.DataError, hf_import.HFImportError,
-          FileNotFoundError,
+          FileNotFoundError, FileExistsError,
           UnicodeDecodeError) as e:
     sys.exit(f'error: {e}')
   except KeyboardInterrupt:

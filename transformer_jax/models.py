@@ -386,15 +386,24 @@ class Encoder(nn.Module):
       self.final_norm = _layer_norm(cfg)
     self.dropout = Dropout(cfg.dropout_rate)
 
-  def __call__(self, inputs: Array, deterministic: bool, segmentation: Array | None = None,
-               positions: Array | None = None, token_types: Array | None = None) -> Array:
-    """inputs int32 [B, S] (0 = pad), optional packing segment ids and positions, and
-    token types, int32 [B, S] -> encoded [B, S, D]."""
+  def embed(self, inputs: Array, deterministic: bool, segmentation: Array | None = None,
+            positions: Array | None = None, token_types: Array | None = None
+            ) -> tuple[Array, Array]:
+    """The layers' input: embedded tokens (dropout applied) [B, S, D] and the attention
+    mask, bool [B, 1, 1, S] or, with packing, [B, 1, S, S]. A separate method so that
+    prompt tuning (`transformer_jax.peft.prompt`) can prepend positions."""
     x = self.dropout(self.embedder(inputs, positions=positions, token_types=token_types),
                      deterministic=deterministic)
     mask = padding_mask(inputs)  # [B, 1, 1, S]
     if segmentation is not None:
       mask = mask & segment_mask(segmentation, segmentation)  # [B, 1, S, S]
+    return x, mask
+
+  def __call__(self, inputs: Array, deterministic: bool, segmentation: Array | None = None,
+               positions: Array | None = None, token_types: Array | None = None) -> Array:
+    """inputs int32 [B, S] (0 = pad), optional packing segment ids and positions, and
+    token types, int32 [B, S] -> encoded [B, S, D]."""
+    x, mask = self.embed(inputs, deterministic, segmentation, positions, token_types)
     for layer in self.layers:
       x = layer(x, mask, deterministic)
     return self.final_norm(x) if self.config.norm_position == 'pre' else x

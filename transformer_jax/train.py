@@ -36,6 +36,7 @@ from transformer_jax import config_schema
 from transformer_jax import flops
 from transformer_jax import hugepages
 from transformer_jax import optim
+from transformer_jax import peft
 from transformer_jax import sharding
 from transformer_jax import tasks
 
@@ -52,7 +53,7 @@ class TrainState:
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
 
 
-def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn,
+def train_step(state: TrainState, batch: dict, frozen: Any = None, *, loss_fn: LossFn,
                optimizer: optax.GradientTransformation, schedule: Callable,
                seed: int) -> tuple[TrainState, dict]:
   """One optimizer update on a batch.
@@ -60,6 +61,9 @@ def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn,
   Args:
     state: the current state.
     batch: {name: array [B, ...]}, whatever the task's loss reads.
+    frozen: None, or (a PEFT run) the frozen base parameters: the loss then gets
+      `peft.Params(frozen, state.params)` and only `state.params`, the trainable tree, is
+      differentiated and updated.
     loss_fn: (params, batch, dropout_rng) -> (scalar loss, metrics): a task's `loss`.
     optimizer: the Optax transformation (`optim.make_optimizer`).
     schedule: its learning-rate schedule, logged.
@@ -81,7 +85,9 @@ def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn,
                      f'{f" and {len(low) - 1} more" if len(low) > 1 else ""}: build the '
                      'state with create_state (the model computes in config.dtype)')
   dropout_rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
-  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+  objective = loss_fn if frozen is None else (
+      lambda trainable, *args: loss_fn(peft.Params(frozen, trainable), *args))
+  (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(
       state.params, batch, dropout_rng)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -118,12 +124,21 @@ def create_state(task: tasks.Task, optimizer: optax.GradientTransformation, seed
   float32 before pretrained values are loaded (so those load without rounding), the
   optimizer state is initialized from them (float32 moments), and checkpoints of the
   state store float32. Restoring a checkpoint into this state casts what it stored.
+
+  A PEFT task (`task.peft`, a bound `peft.Adapter`) always loads its base
+  (`load_pretrained`) and keeps it in `task.peft.frozen`; the state's parameters are then
+  the adapter's trainable tree (initialized with fold_in(PRNGKey(seed), 1)).
   """
   replicated = sharding.replicated(mesh)
   params = jax.jit(lambda rng: optim.to_master(task.init_params(rng)),
                    out_shardings=replicated)(jax.random.PRNGKey(seed))
-  if pretrained:
+  adapter = task.peft
+  if pretrained or adapter is not None:
     params = jax.device_put(optim.to_master(task.load_pretrained(params)), replicated)
+  if adapter is not None:
+    adapter.frozen = params
+    rng = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
+    params = jax.jit(adapter.init, out_shardings=replicated)(rng, params)
   return TrainState(step=jax.device_put(jax.numpy.array(0, jax.numpy.int32), replicated),
                     params=params,
                     opt_state=jax.jit(optimizer.init, out_shardings=replicated)(params))
@@ -476,13 +491,23 @@ def _train(config, workdir: str) -> TrainState:
   resuming = manager.latest_step() is not None
   config_changes = _check_run_config(config, workdir, resuming)
   task = tasks.create(config, workdir, mesh)
+  task.peft = adapter = peft.Adapter.from_config(config)
   task.setup(training=True)
+  if adapter is not None:
+    adapter.bind(task)
 
   optimizer = optim.make_optimizer(config)
   state = create_state(task, optimizer, config.seed, mesh,
                        pretrained=manager.latest_step() is None)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info('Model: %s parameters; %s', f'{num_params:,}', task.describe())
+  view = lambda params: params  # What the task's functions take.
+  if adapter is not None:
+    adapter.record(workdir, config.init_from)
+    view = adapter.view
+    message = f'PEFT: {adapter.describe(state.params)}'
+    logging.info('%s', message)
+    print(message, file=sys.stderr)
   peak = flops.peak_flops_per_device(mesh.devices.flat[0], config.dtype,
                                      config.peak_flops_per_device) * mesh.size
   logging.info('Peak for MFU: %.1f GFLOP/s (%d x %s)', peak / 1e9, mesh.size,
@@ -496,8 +521,9 @@ def _train(config, workdir: str) -> TrainState:
   p_train_step = jax.jit(
       functools.partial(train_step, loss_fn=task.loss, optimizer=optimizer,
                         schedule=optim.learning_rate_schedule(config), seed=config.seed),
-      in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
-      donate_argnums=0)
+      in_shardings=(replicated, batch_sharding, replicated),
+      out_shardings=(replicated, replicated), donate_argnums=0)
+  frozen = adapter.frozen if adapter is not None else None
 
   train_iter = task.train_batches(config.seed, skip=start_step)
   writer = tensorboard.SummaryWriter(os.path.join(workdir, 'tensorboard'))
@@ -530,7 +556,7 @@ def _train(config, workdir: str) -> TrainState:
       if interrupt.requested:
         raise KeyboardInterrupt
       interrupt.step = step  # From here on the state is step's.
-      state, metrics = p_train_step(state, sharding.put_batch(batch, mesh))
+      state, metrics = p_train_step(state, sharding.put_batch(batch, mesh), frozen)
       in_flight.add(step, metrics)
       pending.append(metrics)
       if compiles and 'log' not in events:  # Compile time is not training time.
@@ -550,7 +576,7 @@ def _train(config, workdir: str) -> TrainState:
       if 'eval' in events:
         interrupt.abandonable = True  # A first Ctrl-C abandons the evaluation.
         try:
-          result, report = task.evaluate(state.params, step, 'last' in events)
+          result, report = task.evaluate(view(state.params), step, 'last' in events)
         finally:
           interrupt.abandonable = False
         improved = task.best_metric in result and best.update(state, result[task.best_metric])
@@ -601,7 +627,7 @@ def _train(config, workdir: str) -> TrainState:
     params, name = state.params, f'step{int(state.step)}'
     if best.step >= 0:
       params, name = checkpoints.restore_latest(best.manager, state).params, f'best-step{best.step}'
-    _, report = task.test(params, config.test_split, name)
+    _, report = task.test(view(params), config.test_split, name)
     print(report)
     logging.info(report)
   best.manager.close()

@@ -41,10 +41,18 @@ class Task:
   def __init__(self, config, workdir: str, mesh):
     self.config, self.workdir, self.mesh = config, workdir, mesh
     self.model = None
+    self.peft = None  # A PEFT run's `peft.Adapter`, set before `setup`.
+
+  def wrap_model(self, model):
+    """The model `setup` keeps in `self.model`: `model` itself, or in a PEFT run the
+    `peft.PeftModel` that applies the adapter when given `peft.Params`."""
+    return model if self.peft is None else self.peft.wrap(model)
 
   # --- Setup -------------------------------------------------------------------------
   def setup(self, training: bool) -> None:
     """Loads what the task needs and builds `self.model` (a flax.linen Module).
+
+    Build the model with `self.wrap_model(...)` (PEFT runs).
 
     training=True: reads the training and evaluation data, trains or reuses the
     tokenizer in the workdir, and records the model's shape there. training=False

@@ -127,7 +127,7 @@ class EncoderTask(base.Task):
       architecture = dataclasses.replace(
           architecture_from_json(record['architecture']), dtype=jnp.dtype(cfg.dtype))
       self.tokenizer = self._load_tokenizer()
-    self.model = self._make_model(architecture)
+    self.model = self.wrap_model(self._make_model(architecture))
     self.batcher = data.Batcher(cfg.max_length, cfg.max_tokens_per_batch,
                                 cfg.length_bucket_step, self.mesh.size)
     self._predict_fn = jax.jit(
@@ -209,7 +209,7 @@ class EncoderTask(base.Task):
     source = (f'imported from {self.hf_folder}' if self.hf_folder else
               f'initialized from {self.config.init_from}' if self.config.init_from else
               'from scratch')
-    return (f'{type(self.model).__name__} ({cfg.num_encoder_layers} layers, d_model '
+    return (f'{type(getattr(self.model, 'model', self.model)).__name__} ({cfg.num_encoder_layers} layers, d_model '
             f'{cfg.d_model}, {cfg.norm_position}-LN, {source}), vocab '
             f'{self.tokenizer.vocab_size}, {len(self.labels) or 1} labels')
 

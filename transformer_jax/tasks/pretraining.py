@@ -74,7 +74,7 @@ class PretrainingTask(base.Task):
     self.sentinel_ids = np.asarray([symbols[tokenizer.SENTINEL.format(i)]
                                     for i in range(cfg.num_sentinels)], np.int32)
     self.first_text_id = max(symbols.values()) + 1  # Ids below are special or reserved.
-    self.model = self._make_model()
+    self.model = self.wrap_model(self._make_model())
     if training:  # The architecture, for runs that start from this one (init_from).
       config_schema.save_model_config(cfg, self.sp.vocab_size(), workdir, extra={
           'task': cfg.task, 'architecture': encoder.architecture_to_json(self.model.config)})
@@ -104,7 +104,7 @@ class PretrainingTask(base.Task):
     return [np.asarray(ids[:limit], np.int32) for ids in self.sp.encode([tokenizer.clean(s) for s in sentences]) if ids]
 
   def describe(self) -> str:
-    return (f'{type(self.model).__name__} pretrained with {self.config.task}, vocab '
+    return (f'{type(getattr(self.model, 'model', self.model)).__name__} pretrained with {self.config.task}, vocab '
             f'{self.sp.vocab_size()} (MASK id {self.mask_id}, '
             f'{len(self.sentinel_ids)} sentinels)')
 

@@ -135,8 +135,8 @@ class TranslationTask(base.Task):
       if not os.path.exists(spm_path):
         raise FileNotFoundError(f'{spm_path}: no tokenizer; is {workdir} a training workdir?')
       self.sp = tokenizer.load(spm_path)
-    self.model = models.Transformer(models.TransformerConfig.from_config(
-        cfg, self.sp.vocab_size()))
+    self.model = self.wrap_model(models.Transformer(models.TransformerConfig.from_config(
+        cfg, self.sp.vocab_size())))
     self.batcher = data.Batcher(max(cfg.max_source_length, cfg.max_target_length),
                                 cfg.max_tokens_per_batch, cfg.length_bucket_step,
                                 self.mesh.size, pack=cfg.pack_examples)

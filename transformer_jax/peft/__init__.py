@@ -1,0 +1,256 @@
+"""Parameter-efficient fine-tuning: a trainable tree beside the frozen base parameters.
+
+  lora     low-rank updates of chosen projections (Hu et al. 2021)        peft/lora.py
+  adapter  bottleneck adapters after every sub-layer (Houlsby et al. 2019)  peft/adapter.py
+  prefix   key/value prefixes at every attention (Li & Liang 2021)         peft/prefix.py
+  prompt   soft prompt before the encoder input (Lester et al. 2021)       peft/prompt.py
+  ia3      rescaled keys, values and FF activations (Liu et al. 2022)      peft/ia3.py
+
+A PEFT run (`config.peft_method`) starts from a base model (`config.init_from`: a run's
+workdir or checkpoint, or 'hf:' BERT). Its train state holds only the trainable tree:
+{'peft': the method's parameters, 'base': the base parameters named by
+`config.peft_modules_to_save` (regexes; e.g. a new classification head), trained in
+full}. The train step differentiates that tree alone, the optimizer state exists for it
+alone, and weight decay never touches the frozen base. Its checkpoints are therefore the
+adapter alone; {workdir}/adapter_config.json records the method's settings, where the
+base came from, the base's fingerprint and the tokenizer's hash, and every later start
+(resume, eval, predict, merge) reloads the base and refuses one that differs.
+
+`Adapter` ties it together for the trainer and the eval/predict modes; `merge` folds LoRA
+or IA3 into the base parameters (`--mode=merge`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from typing import Any
+
+from absl import logging
+import flax
+import flax.linen as nn
+from flax import traverse_util
+import jax
+import numpy as np
+
+from transformer_jax import config_schema
+from transformer_jax.peft import adapter as adapter_lib
+from transformer_jax.peft import core
+from transformer_jax.peft import ia3
+from transformer_jax.peft import lora
+from transformer_jax.peft import prefix
+from transformer_jax.peft import prompt
+from transformer_jax.peft.core import Params, Site  # pylint: disable=unused-import
+
+METHODS = {m.name: m for m in (lora.LoRA, adapter_lib.BottleneckAdapter,
+                               prefix.PrefixTuning, prompt.PromptTuning, ia3.IA3)}
+CONFIG_FILE = 'adapter_config.json'
+
+
+class AdapterError(config_schema.ConfigError):
+  """An adapter cannot be used: its base or tokenizer differs from the one it was trained
+  on, its adapter_config.json is missing or broken, or it cannot be merged. One line."""
+
+
+def fingerprint(params: Any) -> str:
+  """sha256 (first 16 hex digits) over the names, shapes, dtypes and float32 bytes of
+  every leaf of a parameter tree: equal for equal parameters, whatever their storage."""
+  digest = hashlib.sha256()
+  flat = traverse_util.flatten_dict(flax.core.unfreeze(jax.device_get(params)), sep='/')
+  for name in sorted(flat):
+    value = np.asarray(flat[name], np.float32)
+    digest.update(f'{name}:{value.shape};'.encode())
+    digest.update(np.ascontiguousarray(value).tobytes())
+  return digest.hexdigest()[:16]
+
+
+def tokenizer_hash(workdir: str) -> str:
+  """sha256 (first 16 hex digits) of the files in {workdir}/tokenizer ('' if none)."""
+  folder = os.path.join(workdir, 'tokenizer')
+  if not os.path.isdir(folder):
+    return ''
+  digest = hashlib.sha256()
+  for name in sorted(os.listdir(folder)):
+    with open(os.path.join(folder, name), 'rb') as f:
+      digest.update(name.encode() + b'\0' + f.read())
+  return digest.hexdigest()[:16]
+
+
+def settings_from_config(config) -> dict:
+  """adapter_config.json's method part: {'peft_method', its FIELDS, and
+  'peft_modules_to_save'} from a run config."""
+  method = METHODS[config.peft_method]
+  return {'peft_method': config.peft_method,
+          **{name: _jsonable(config[name]) for name in method.FIELDS},
+          'peft_modules_to_save': _jsonable(config.peft_modules_to_save)}
+
+
+def _jsonable(value):
+  return list(value) if isinstance(value, (tuple, list)) else value
+
+
+class PeftModel:
+  """Stands in for a task's flax model: `apply` with a `Params` applies the base model to
+  `Params.base` (with the trained `modules_to_save` put in) inside the method's
+  interceptor; with a plain tree it is the base model's `apply`. Every other attribute is
+  the base model's."""
+
+  def __init__(self, model: nn.Module, adapter: 'Adapter'):
+    self.model, self.adapter = model, adapter
+
+  def __getattr__(self, name):
+    return getattr(self.model, name)
+
+  def init(self, *args, **kwargs):
+    return self.model.init(*args, **kwargs)
+
+  def apply(self, variables, *args, rngs=None, **kwargs):
+    params = variables['params']
+    if not isinstance(params, Params):
+      return self.model.apply(variables, *args, rngs=rngs, **kwargs)
+    base = core.overlay(params.base, params.trainable['base'])
+    training = bool(rngs) and 'dropout' in rngs
+    with nn.intercept_methods(self.adapter.method.intercept(params.trainable['peft'],
+                                                            training)):
+      return self.model.apply({**variables, 'params': base}, *args, rngs=rngs, **kwargs)
+
+
+class Adapter:
+  """A PEFT method on a task's model.
+
+  Build it from the run config (training) or from a workdir's adapter_config.json
+  (`from_workdir`: eval, predict, merge), give it to the task before `setup`
+  (`task.peft = adapter`; the task wraps its model with `wrap`), then call `bind(task)`
+  once the task is set up: it finds the model's sites and builds the method.
+
+  Attributes:
+    settings: the method's settings (`settings_from_config`).
+    method: the `core.Method` (after `bind`).
+    frozen: the base parameters (set by `train.create_state`).
+  """
+
+  def __init__(self, settings: dict):
+    self.settings = settings
+    self.method: core.Method | None = None
+    self.frozen = None
+    self._save = [re.compile(r) for r in settings['peft_modules_to_save']]
+
+  @classmethod
+  def from_config(cls, config) -> 'Adapter | None':
+    return cls(settings_from_config(config)) if config.peft_method else None
+
+  @classmethod
+  def from_workdir(cls, workdir: str) -> 'Adapter | None':
+    """The adapter a workdir was trained with; None when it is not a PEFT run."""
+    record = load_config(workdir)
+    return None if record is None else cls(record['settings'])
+
+  def wrap(self, model: nn.Module) -> PeftModel:
+    return PeftModel(model, self)
+
+  def bind(self, task) -> None:
+    """Finds the sites of `task.model` (an abstract init) and builds the method.
+
+    Raises:
+      AdapterError: no module of the model is one the method changes.
+    """
+    sites = core.discover_sites(lambda: task.init_params(jax.random.PRNGKey(0)))
+    try:
+      self.method = METHODS[self.settings['peft_method']](self.settings, sites)
+    except ValueError as e:
+      raise AdapterError(str(e)) from None
+
+  def init(self, rng: jax.Array, base: Any) -> dict:
+    """The trainable tree at step 0: the method's fresh parameters and copies of the
+    `modules_to_save` base parameters."""
+    flat = traverse_util.flatten_dict(flax.core.unfreeze(base), sep='/')
+    saved = {name: value for name, value in flat.items()
+             if any(r.fullmatch(name) for r in self._save)}
+    return {'peft': self.method.init(rng, base),
+            'base': traverse_util.unflatten_dict(saved, sep='/')}
+
+  def view(self, trainable: Any) -> Params:
+    """What the task's functions take: `Params(frozen, trainable)`."""
+    return Params(self.frozen, trainable)
+
+  def describe(self, trainable: Any) -> str:
+    """'lora on 12 sites: 73,728 trainable parameters (0.33% of 22,713,344), 2 base
+    parameters trained in full (head/bias, head/kernel)'."""
+    count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+    n, total = count(trainable), count(self.frozen)
+    saved = sorted(traverse_util.flatten_dict(trainable['base'], sep='/'))
+    return (f"{self.method.name} on {len(self.method.sites)} sites: {n:,} trainable "
+            f"parameters ({100 * n / max(total, 1):.2f}% of the base's {total:,})"
+            + (f"; trained in full: {', '.join(saved)}" if saved else ''))
+
+  def merged(self, trainable: Any) -> Any:
+    """The base parameters with the method folded in and the `modules_to_save` put in:
+    the plain model computes with them what base + adapter computed.
+
+    Raises:
+      AdapterError: the method cannot be merged (adapter, prefix, prompt).
+    """
+    try:
+      merged = self.method.merge(flax.core.unfreeze(self.frozen), trainable['peft'])
+    except ValueError as e:
+      raise AdapterError(str(e)) from None
+    return core.overlay(merged, trainable['base'])
+
+  # --- adapter_config.json -----------------------------------------------------------
+  def record(self, workdir: str, base_source: str) -> None:
+    """Writes {workdir}/adapter_config.json at the first start, or checks the base and
+    tokenizer against it on a later one (`check`)."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if os.path.exists(path):
+      self.check(workdir)
+      return
+    record = {'settings': self.settings, 'base': base_source,
+              'base_fingerprint': fingerprint(self.frozen),
+              'tokenizer_hash': tokenizer_hash(workdir)}
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+      json.dump(record, f, indent=2)
+    os.replace(tmp, path)
+
+  def check(self, workdir: str) -> None:
+    """Refuses a base or tokenizer other than the ones the adapter in `workdir` was
+    trained with.
+
+    Raises:
+      AdapterError: naming both fingerprints (or hashes).
+    """
+    record = load_config(workdir)
+    got = fingerprint(self.frozen)
+    if record['base_fingerprint'] != got:
+      raise AdapterError(
+          f'{os.path.join(workdir, CONFIG_FILE)}: the adapter was trained on base '
+          f"{record['base']} with fingerprint {record['base_fingerprint']}; the base "
+          f'loaded now has {got} (a different or changed base model)')
+    tok = tokenizer_hash(workdir)
+    if record['tokenizer_hash'] and tok != record['tokenizer_hash']:
+      raise AdapterError(f"{workdir}/tokenizer: hash {tok}, but the adapter was trained with "
+                         f"{record['tokenizer_hash']}")
+
+
+def load_config(workdir: str) -> dict | None:
+  """{workdir}/adapter_config.json as a dict; None when the file does not exist.
+
+  Raises:
+    AdapterError: the file is not valid JSON or lacks a field.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      record = json.load(f)
+    method = record['settings']['peft_method']
+    for name in ('base', 'base_fingerprint', 'tokenizer_hash'):
+      record[name]  # pylint: disable=pointless-statement
+  except (ValueError, KeyError, TypeError) as e:
+    raise AdapterError(f'{path}: not an adapter config ({type(e).__name__}: {e})') from None
+  if method not in METHODS:
+    raise AdapterError(f'{path}: unknown peft_method {method!r}')
+  logging.info('Adapter config %s: %s', path, record)
+  return record
