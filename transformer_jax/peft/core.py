@@ -100,7 +100,8 @@ def discover_sites(init_fn: Callable[[], Any]) -> list[Site]:
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(record):
-    jax.eval_shape(lambda: init_fn())  # A new function: eval_shape caches traces by function.  # pylint: disable=unnecessary-lambda
+    # A new function each time: eval_shape caches its traces by function.
+    jax.eval_shape(lambda: init_fn())  # pylint: disable=unnecessary-lambda
   return list(sites.values())
 
 

@@ -10,8 +10,8 @@ the prompt acts through the encoder's self-attention only.) Packed rows are refu
 (`config_schema`): one prompt per row would join the pairs packed into it.
 
 The prompt is initialized from the embeddings of `prompt_length` random vocabulary
-entries (section 3.2: better than random init), scaled like the model's token embeddings (and normalized, if
-the model normalizes them: BERT).
+entries (section 3.2: better than random init), scaled like the model's token embeddings
+(and normalized, if the model normalizes them: BERT).
 """
 from __future__ import annotations
 

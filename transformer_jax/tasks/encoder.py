@@ -209,7 +209,8 @@ class EncoderTask(base.Task):
     source = (f'imported from {self.hf_folder}' if self.hf_folder else
               f'initialized from {self.config.init_from}' if self.config.init_from else
               'from scratch')
-    return (f'{type(getattr(self.model, 'model', self.model)).__name__} ({cfg.num_encoder_layers} layers, d_model '
+    name = type(getattr(self.model, 'model', self.model)).__name__  # PEFT: the base's.
+    return (f'{name} ({cfg.num_encoder_layers} layers, d_model '
             f'{cfg.d_model}, {cfg.norm_position}-LN, {source}), vocab '
             f'{self.tokenizer.vocab_size}, {len(self.labels) or 1} labels')
 

@@ -104,7 +104,8 @@ class PretrainingTask(base.Task):
     return [np.asarray(ids[:limit], np.int32) for ids in self.sp.encode([tokenizer.clean(s) for s in sentences]) if ids]
 
   def describe(self) -> str:
-    return (f'{type(getattr(self.model, 'model', self.model)).__name__} pretrained with {self.config.task}, vocab '
+    name = type(getattr(self.model, 'model', self.model)).__name__  # PEFT: the base's.
+    return (f'{name} pretrained with {self.config.task}, vocab '
             f'{self.sp.vocab_size()} (MASK id {self.mask_id}, '
             f'{len(self.sentinel_ids)} sentinels)')
 
