@@ -17,6 +17,7 @@ import functools
 import json
 import logging as py_logging
 import os
+import resource
 import signal
 import sys
 import threading
@@ -510,6 +511,9 @@ def _train(config, workdir: str) -> TrainState:
     print(message, file=sys.stderr)
   peak = flops.peak_flops_per_device(mesh.devices.flat[0], config.dtype,
                                      config.peak_flops_per_device) * mesh.size
+  logging.info('Memory: parameters %s, optimizer state %s%s', _bytes(state.params),
+               _bytes(state.opt_state),
+               f', frozen base {_bytes(adapter.frozen)}' if adapter is not None else '')
   logging.info('Peak for MFU: %.1f GFLOP/s (%d x %s)', peak / 1e9, mesh.size,
                mesh.devices.flat[0].device_kind)
   throughput = _Throughput(peak)
@@ -631,4 +635,11 @@ def _train(config, workdir: str) -> TrainState:
     print(report)
     logging.info(report)
   best.manager.close()
+  logging.info('Peak resident memory of the process: %.0f MiB',
+               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
   return state
+
+
+def _bytes(tree) -> str:
+  """'12,345,678 bytes' of the arrays of `tree`."""
+  return f'{sum(x.nbytes for x in jax.tree.leaves(tree) if hasattr(x, "nbytes")):,} bytes'

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Parameter-efficient fine-tuning on SST-2 (issue: PEFT as a pytree beside the frozen base):
+# all-MiniLM-L6-v2 (configs/sst2.py) fine-tuned in full and with each method of METHODS,
+# one run at a time, each with a step count chosen to take about 25 minutes alone on the
+# 2-core CPU (steps/s measured with the settings below). Prints the table of
+# benchmarks/peft_table.py (validation accuracy, trainable parameters, optimizer-state
+# bytes, peak RSS, step time, wall time). Runs are kept in $RUNS (default runs/peft_sst2);
+# a killed script rerun with the same $RUNS resumes each run where it stopped.
+#
+#   METHODS="full lora ia3 adapter prefix prompt" bash benchmarks/peft_sst2.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+RUNS=${RUNS:-runs/peft_sst2}
+METHODS=${METHODS:-full lora ia3 adapter prefix prompt}
+export TF_CPP_MIN_LOG_LEVEL=3
+mkdir -p "$RUNS"
+
+COMMON=(--config=configs/sst2.py --config.eval_every_steps=500
+        --config.checkpoint_every_steps=500)
+args() {  # method -> its config overrides
+  case $1 in
+    full) echo --config.num_train_steps=4500 ;;  # configs/sst2.py: lr 5e-5.
+    lora) echo --config.peft_method=lora "--config.lora_targets=('query','key','value','out')" \
+               --config.lora_rank=8 --config.lora_alpha=16 --config.learning_rate=5e-4 \
+               --config.num_train_steps=6000 ;;
+    ia3) echo --config.peft_method=ia3 --config.learning_rate=3e-3 --config.num_train_steps=6000 ;;
+    adapter) echo --config.peft_method=adapter --config.adapter_size=32 \
+                  --config.learning_rate=5e-4 --config.num_train_steps=5500 ;;
+    prefix) echo --config.peft_method=prefix --config.prefix_length=16 \
+                 --config.learning_rate=5e-3 --config.num_train_steps=5500 ;;
+    prompt) echo --config.peft_method=prompt --config.prompt_length=20 \
+                 --config.learning_rate=0.3 --config.num_train_steps=6000 ;;
+    *) echo "unknown method $1" >&2; exit 2 ;;
+  esac
+}
+
+for method in $METHODS; do
+  start=$SECONDS
+  # shellcheck disable=SC2046
+  $PY -m transformer_jax.main "${COMMON[@]}" $(args "$method") --workdir="$RUNS/$method" \
+    > "$RUNS/$method.console.txt" 2>&1
+  echo "$method $((SECONDS - start))" >> "$RUNS/times.txt"
+done
+$PY benchmarks/peft_table.py "$RUNS" $METHODS
