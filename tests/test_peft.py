@@ -328,3 +328,9 @@ def test_classification_adapter_trains_the_new_head_in_full(sst2_dir, tmp_path):
   assert sorted(state.params['base']) == ['head']
   log = (tmp_path / 'lora' / 'train.log').read_text()
   assert 'PEFT: lora on ' in log and 'trained in full: head/bias, head/kernel' in log
+
+
+def test_init_from_an_adapter_run_says_to_merge_it_first(lora_run):
+  workdir, _ = lora_run
+  with pytest.raises(init_from.InitError, match=r'parameter-efficient run.*--mode=merge'):
+    init_from.source_run_dir(workdir)

@@ -56,6 +56,7 @@ CHECKPOINTS = 'checkpoints'  # {workdir}/checkpoints/STEP (transformer_jax.check
 BEST = 'best'                # {workdir}/best/STEP (train.BestCheckpoint).
 ITEM = 'default'             # The item folder CheckpointManager writes in a step folder.
 TOKENIZER = 'tokenizer'      # {workdir}/tokenizer/ (spm.model, or WordPiece's files).
+ADAPTER_CONFIG = 'adapter_config.json'  # A PEFT run's workdir (transformer_jax.peft).
 
 Rules = Sequence[tuple[str, str | None]]
 
@@ -198,13 +199,18 @@ def source_run_dir(init_from: str) -> str | None:
   task calls it first thing when training, so a bad `init_from` stops the run at once.
 
   Raises:
-    InitError: as `resolve`; 'hf:' without a folder.
+    InitError: as `resolve`; 'hf:' without a folder; a PEFT run (an adapter alone).
   """
   if init_from == HF_PREFIX:
     raise _bad(init_from, f"name the folder: '{HF_PREFIX}/path/to/folder'")
   if not init_from or init_from.startswith(HF_PREFIX):
     return None
-  return resolve(init_from)[1]
+  run_dir = resolve(init_from)[1]
+  if os.path.exists(os.path.join(run_dir, ADAPTER_CONFIG)):
+    raise _bad(init_from, f'{run_dir} is a parameter-efficient run: its checkpoints hold the '
+               'adapter alone; write base + adapter as one run with --mode=merge and start '
+               'from that')
+  return run_dir
 
 
 def restore_params(checkpoint: str) -> dict[str, np.ndarray]:

@@ -35,6 +35,7 @@ import jax
 import numpy as np
 
 from transformer_jax import config_schema
+from transformer_jax import init_from
 from transformer_jax.peft import adapter as adapter_lib
 from transformer_jax.peft import core
 from transformer_jax.peft import ia3
@@ -45,7 +46,7 @@ from transformer_jax.peft.core import Params, Site  # pylint: disable=unused-imp
 
 METHODS = {m.name: m for m in (lora.LoRA, adapter_lib.BottleneckAdapter,
                                prefix.PrefixTuning, prompt.PromptTuning, ia3.IA3)}
-CONFIG_FILE = 'adapter_config.json'
+CONFIG_FILE = init_from.ADAPTER_CONFIG  # 'adapter_config.json'
 
 
 class AdapterError(config_schema.ConfigError):
