@@ -133,10 +133,14 @@ def test_methods_that_add_computation_refuse_to_merge(transformer, name):
     adapter.merged(adapter.init(jax.random.PRNGKey(1), adapter.frozen))
 
 
-@pytest.mark.parametrize('name', METHODS)
+@pytest.mark.parametrize('name', METHODS + ('prefix_mlp',))
 def test_cached_decoding_equals_the_full_pass_with_the_method(transformer, name):
   model, init = transformer
-  adapter = _adapter(model, init, name)
+  if name == 'prefix_mlp':  # The reparameterization of Li & Liang, section 4.3.
+    adapter = _adapter(model, init, 'prefix', prefix_mlp_hidden=8)
+    assert sorted(adapter.init(jax.random.PRNGKey(1), adapter.frozen)['peft']) == ['prefix_mlp']
+  else:
+    adapter = _adapter(model, init, name)
   trained = {'peft': _random_like(adapter.init(jax.random.PRNGKey(1), adapter.frozen)['peft'], 5),
              'base': {}}
   wrapped, variables = adapter.wrap(model), {'params': adapter.view(trained)}
@@ -334,3 +338,24 @@ def test_init_from_an_adapter_run_says_to_merge_it_first(lora_run):
   workdir, _ = lora_run
   with pytest.raises(init_from.InitError, match=r'parameter-efficient run.*--mode=merge'):
     init_from.source_run_dir(workdir)
+
+
+def test_init_from_is_recorded_and_compared_as_an_absolute_path(tmp_path, monkeypatch,
+                                                                small_text_dir):
+  monkeypatch.chdir(tmp_path)
+  config = tiny_config(small_text_dir, init_from='runs/base')
+  config_schema.save_run_config(config, str(tmp_path))
+  started = config_schema.load_run_config(str(tmp_path))
+  assert started['init_from'] == str(tmp_path / 'runs' / 'base')
+  same = tiny_config(small_text_dir, init_from=str(tmp_path / 'runs' / 'base') + '/')
+  assert config_schema.check_run_config(same, started, str(tmp_path)) == []
+  assert config_schema.absolute_init_from('hf:bert') == f'hf:{tmp_path}/bert'
+  assert config_schema.absolute_init_from('') == ''
+
+
+def test_the_init_from_report_goes_to_stderr_not_to_predictions(capsys):
+  report = init_from.Report(source='x', loaded=('a',), initialized=(), kept=(), unused=(),
+                            mismatched=())
+  report.log()
+  out, err = capsys.readouterr()
+  assert out == '' and 'init_from x: 1 loaded' in err

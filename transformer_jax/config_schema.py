@@ -27,10 +27,23 @@ def _one_of(*choices):
 
 
 def _valid_regexes(values) -> bool:
+  """Whether every value is a string that compiles as a regex (`validate` names the bad
+  one)."""
   try:
     return all(isinstance(v, str) and re.compile(v) is not None for v in values)
   except re.error:
     return False
+
+
+def _regex_problem(values) -> str:
+  for v in values:
+    if not isinstance(v, str):
+      return f'{v!r} is not a string'
+    try:
+      re.compile(v)
+    except re.error as e:
+      return f'{v!r} is not a valid regex ({e})'
+  return ''
 
 
 _regexes = (_valid_regexes, 'must be valid regexes')
@@ -234,7 +247,10 @@ def validate(config) -> None:
       names = 'float' if kind is float else '/'.join(k.__name__ for k in kinds)
       raise ConfigError(f'config.{name}={value!r}: must be of type {names}')
     if not ok(value):
-      raise ConfigError(f'config.{name}={value!r}: {requirement}')
+      problem = _regex_problem(value) if kind == (tuple, list) and requirement.endswith(
+          'valid regexes') else ''
+      raise ConfigError(f'config.{name}={value!r}: {requirement}'
+                        + (f': {problem}' if problem else ''))
   if config.d_model % config.num_heads:
     raise ConfigError(f'config.d_model={config.d_model}: must be divisible by '
                       f'config.num_heads={config.num_heads}')
@@ -367,11 +383,26 @@ def _jsonable(value):
   return json.loads(json.dumps(value, default=repr))
 
 
+def absolute_init_from(value: str) -> str:
+  """`init_from` with its folder made absolute ('' and 'hf:' alone stay as they are), so
+  that a recorded value means the same from any working directory."""
+  if not value or value == 'hf:':
+    return value
+  if value.startswith('hf:'):
+    return 'hf:' + os.path.abspath(value[3:])
+  return os.path.abspath(value)
+
+
+def _recorded(name: str, value):
+  """A field's value as run_config.json records and compares it."""
+  return absolute_init_from(value) if name == 'init_from' else _jsonable(value)
+
+
 def save_run_config(config, workdir: str) -> None:
   """Writes every field of `config` to {workdir}/run_config.json, atomically (a temporary
   file renamed): the config the run started with, which `check_run_config` compares a
   resumed run's config to."""
-  record = {name: _jsonable(config[name]) for name in sorted(config.keys())}
+  record = {name: _recorded(name, config[name]) for name in sorted(config.keys())}
   path = os.path.join(workdir, RUN_CONFIG_FILE)
   with open(path + '.tmp', 'w', encoding='utf-8') as f:
     json.dump(record, f, indent=1)
@@ -405,8 +436,9 @@ def check_run_config(config, started: dict, workdir: str) -> list[tuple[str, Any
     ConfigError: one line naming every changed field that is not free to change
       (RESUME_FIXED_FIELDS and unlisted ones) with its old and new value.
   """
-  changed = [(name, started[name], _jsonable(config[name])) for name in sorted(config.keys())
-             if name in started and _jsonable(config[name]) != started[name]]
+  changed = [(name, started[name], _recorded(name, config[name]))
+             for name in sorted(config.keys())
+             if name in started and _recorded(name, config[name]) != _recorded(name, started[name])]
   fixed = [(name, old, new) for name, old, new in changed if name not in RESUME_FREE_FIELDS]
   if fixed:
     fields = ', '.join(f'config.{name}={new!r} (started with {old!r})'
@@ -415,8 +447,14 @@ def check_run_config(config, started: dict, workdir: str) -> list[tuple[str, Any
         f'{fields}: the run in {workdir} cannot resume with '
         f'{"this change" if len(fixed) == 1 else "these changes"}, which would change its '
         'model, optimizer or data order; pass the values it started with, or train in a new '
-        f'--workdir (--config.init_from={workdir} starts from its parameters)')
+        f'--workdir{_start_from_hint(workdir)}')
   return changed
+
+
+def _start_from_hint(workdir: str) -> str:
+  if os.path.exists(os.path.join(workdir, 'adapter_config.json')):  # A PEFT run.
+    return ''
+  return f' (--config.init_from={workdir} starts from its parameters)'
 
 
 def check_cadences(config) -> None:

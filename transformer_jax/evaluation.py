@@ -144,14 +144,20 @@ def run_merge(config, workdir: str, output: str, checkpoint: str = 'best') -> st
     FileExistsError: `output` already holds checkpoints.
   """
   from transformer_jax import train  # pylint: disable=g-import-not-at-top (cycle)
-  if peft.load_config(workdir) is None:
+  record = peft.load_config(workdir)
+  if record is None:
     raise peft.AdapterError(f'--workdir={workdir}: no {peft.CONFIG_FILE}; not a PEFT run')
+  method = peft.METHODS[record['settings']['peft_method']]
+  if not method.MERGEABLE:
+    raise peft.AdapterError(f'{workdir} is a {method.name} run: only lora and ia3 can be '
+                            'merged into the base parameters')
+  if os.path.isdir(os.path.join(output, 'checkpoints')) and os.listdir(
+      os.path.join(output, 'checkpoints')):
+    raise FileExistsError(f'--output={output}: already holds checkpoints')
   task, params, name = load_task(config, workdir, checkpoint)
   merged = task.peft.merged(params.trainable)
   manager = checkpoints.make_manager(output, 1)
   try:
-    if manager.latest_step() is not None:
-      raise FileExistsError(f'--output={output}: already holds checkpoints')
     for entry in ('tokenizer', 'model_config.json'):
       source = os.path.join(workdir, entry)
       if os.path.isdir(source):

@@ -38,9 +38,11 @@ from __future__ import annotations
 
 import dataclasses
 import filecmp
+import json
 import os
 import re
 import shutil
+import sys
 from typing import Any, Sequence
 
 from absl import logging
@@ -129,10 +131,10 @@ class Report:
 
   def log(self) -> str:
     """Logs (absl INFO) the summary, one line per category (count, then the names
-    comma-joined) and the notes; prints the summary on the console (stdout, with a pointer
-    to train.log for the names); returns the summary."""
+    comma-joined) and the notes; prints the summary on the console (stderr: stdout is for
+    predictions, with a pointer to train.log for the names); returns the summary."""
     summary = self.summary()
-    print(f'{summary} (names in train.log)', flush=True)
+    print(f'{summary} (names in train.log)', file=sys.stderr, flush=True)
     logging.info('%s', summary)
     for what, names in (('loaded', self.loaded), ('initialized', self.initialized),
                         ('kept by init_rules', self.kept), ('unused', self.unused),
@@ -208,9 +210,23 @@ def source_run_dir(init_from: str) -> str | None:
   run_dir = resolve(init_from)[1]
   if os.path.exists(os.path.join(run_dir, ADAPTER_CONFIG)):
     raise _bad(init_from, f'{run_dir} is a parameter-efficient run: its checkpoints hold the '
-               'adapter alone; write base + adapter as one run with --mode=merge and start '
-               'from that')
+               f'adapter alone; {adapter_hint(run_dir)}')
   return run_dir
+
+
+def adapter_hint(run_dir: str) -> str:
+  """What to start from instead of the PEFT run in `run_dir`: its merged form (lora,
+  ia3), else its base."""
+  try:
+    with open(os.path.join(run_dir, ADAPTER_CONFIG)) as f:
+      record = json.load(f)
+    method, base = record['settings']['peft_method'], record['base']
+  except (OSError, ValueError, KeyError, TypeError):
+    return 'start from its base'
+  if method in ('lora', 'ia3'):
+    return (f'write base + adapter as one run with --mode=merge --workdir={run_dir} '
+            '--output=DIR and start from DIR')
+  return f'{method} cannot be merged into its base; start from the base, {base}'
 
 
 def restore_params(checkpoint: str) -> dict[str, np.ndarray]:

@@ -503,9 +503,11 @@ def _train(config, workdir: str) -> TrainState:
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info('Model: %s parameters; %s', f'{num_params:,}', task.describe())
   view = lambda params: params  # What the task's functions take.
+  stats = task.batch_stats
   if adapter is not None:
     adapter.record(workdir, config.init_from)
     view = adapter.view
+    stats = lambda batch: peft.batch_stats(task.batch_stats(batch))
     message = f'PEFT: {adapter.describe(state.params)}'
     logging.info('%s', message)
     print(message, file=sys.stderr)
@@ -549,7 +551,7 @@ def _train(config, workdir: str) -> TrainState:
     for step in range(start_step + 1, config.num_train_steps + 1):
       events = cadence(step, config, task.metric_every_steps)
       batch = next(train_iter)
-      throughput.add(task.batch_stats(batch))
+      throughput.add(stats(batch))
       shape = tuple(sorted((k, v.shape) for k, v in batch.items()))
       compiles = shape not in shapes  # jit compiles once per batch shape.
       if compiles:

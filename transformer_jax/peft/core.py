@@ -139,10 +139,12 @@ class Method:
   Attributes:
     name: the `config.peft_method` value.
     FIELDS: the config fields it reads, recorded in adapter_config.json.
+    MERGEABLE: whether `merge` is implemented.
     sites: the sites it changes (chosen by `select` from the model's sites).
   """
   name = ''
   FIELDS: tuple[str, ...] = ()
+  MERGEABLE = False  # Whether `merge` folds the method into the base's weights.
 
   def __init__(self, settings: dict, sites: list[Site]):
     self.settings = dict(settings)

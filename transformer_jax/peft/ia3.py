@@ -19,6 +19,7 @@ from transformer_jax.peft import core
 class IA3(core.Method):
   name = 'ia3'
   FIELDS = ()
+  MERGEABLE = True
 
   def select(self, sites):
     return [s for s in sites if s.kind == 'dense' and s.path[-1] in ('key', 'value', 'wo')]

@@ -27,6 +27,7 @@ from transformer_jax.peft import core
 class LoRA(core.Method):
   name = 'lora'
   FIELDS = ('lora_rank', 'lora_alpha', 'lora_dropout', 'lora_targets')
+  MERGEABLE = True
 
   @property
   def scale(self) -> float:
