@@ -70,3 +70,17 @@ def sst2_dir(tmp_path_factory) -> str:
   (out / 'train.tsv').write_text(''.join(lines), encoding='utf-8')
   (out / 'validation.tsv').write_text(''.join(lines[:101]), encoding='utf-8')
   return str(out)
+
+
+@pytest.fixture(scope='session')
+def source_run(sst2_dir, tmp_path_factory):
+  """A tiny classification run of 6 steps (checkpoints and evaluations at 3 and 6): its
+  workdir, its config and its final parameters (flat, host)."""
+  workdir = str(tmp_path_factory.mktemp('source'))
+  from tests.test_tasks import classification_config  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from transformer_jax import init_from, train  # pylint: disable=g-import-not-at-top
+  config = classification_config(sst2_dir, num_train_steps=6, eval_every_steps=3,
+                                 checkpoint_every_steps=3)
+  state = train.train_and_evaluate(config, workdir)
+  return workdir, config, init_from.flatten(jax.device_get(state.params))[0]

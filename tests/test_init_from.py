@@ -22,17 +22,6 @@ from transformer_jax.tasks import encoder
 HEAD = ('head/bias', 'head/kernel')
 
 
-@pytest.fixture(scope='module')
-def source_run(sst2_dir, tmp_path_factory):  # pylint: disable=redefined-outer-name
-  """A tiny classification run of 6 steps (checkpoints and evaluations at 3 and 6): its
-  workdir, its config and its final parameters (flat, host)."""
-  workdir = str(tmp_path_factory.mktemp('source'))
-  config = classification_config(sst2_dir, num_train_steps=6, eval_every_steps=3,
-                                 checkpoint_every_steps=3)
-  state = train.train_and_evaluate(config, workdir)
-  return workdir, config, init_from.flatten(jax.device_get(state.params))[0]
-
-
 def _best_step(workdir):
   with open(os.path.join(workdir, 'best', 'score.json')) as f:
     return json.load(f)['step']

@@ -321,12 +321,9 @@ def _training_task(config, workdir):
   return task
 
 
-def test_classification_adapter_trains_the_new_head_in_full(sst2_dir, tmp_path):
-  source = str(tmp_path / 'source')
-  train.train_and_evaluate(classification_config(sst2_dir, num_train_steps=3,
-                                                 eval_every_steps=3), source)
+def test_classification_adapter_trains_the_new_head_in_full(source_run, sst2_dir, tmp_path):
   config = classification_config(sst2_dir, num_train_steps=5, eval_every_steps=5,
-                                 init_from=source, peft_method='lora')
+                                 init_from=source_run[0], peft_method='lora')
   state = train.train_and_evaluate(config, str(tmp_path / 'lora'))
   assert sorted(state.params) == ['base', 'peft']
   assert sorted(state.params['base']) == ['head']
