@@ -350,7 +350,7 @@ RESUME_FIXED_FIELDS = (
     'whole_word_masking',
     # The tokenizer.
     'vocab_size', 'spm_model_type', 'spm_max_sentences', 'spm_character_coverage',
-    'spm_byte_fallback', 'num_sentinels',
+    'num_sentinels',
     # The model (shape, computation, dropout).
     'd_model', 'num_heads', 'd_ff', 'num_encoder_layers', 'num_decoder_layers',
     'share_embeddings', 'pooling', 'dropout_rate', 'attention_dropout_rate', 'dtype',
@@ -372,6 +372,9 @@ RESUME_FREE_FIELDS = (
     # Decoding.
     'decoding', 'beam_size', 'length_penalty', 'temperature', 'top_k', 'top_p',
     'decode_max_length_ratio', 'decode_max_length_offset', 'decode_batch_tokens',
+    # Read only when a new tokenizer is trained: a resumed run keeps its tokenizer (and
+    # runs recorded before byte fallback became the default resume unchanged).
+    'spm_byte_fallback',
     # Where prepared data is cached; the peak FLOP/s the MFU is computed against.
     'tfds_data_dir', 'peak_flops_per_device',
 )
