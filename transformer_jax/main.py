@@ -46,7 +46,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Folder for everything the run writes (tokenizer, '
                     'checkpoints, TensorBoard events, log). Default: runs/<dataset>_<src>-<tgt> '
                     '(translation), runs/<config file name> (other tasks).')
-config_flags.DEFINE_config_file('config', 'configs/mt.py', 'Config file (path[:variant]).',
+_DEFAULT_CONFIG = 'configs/mt.py'
+config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Config file (path[:variant]); '
+                                'configs/NAME.py is found in the installed package too.',
                                 lock_config=True)
 flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'translate', 'merge'],
                   'train; eval: score a checkpoint on --split and print the report; predict '
@@ -129,10 +131,37 @@ def default_workdir(config) -> str:
   return os.path.join('runs', os.path.splitext(os.path.basename(path))[0] or config.task)
 
 
+def configs_dir() -> str:
+  """The folder of the shipped config files: `configs/` beside the package in a checkout,
+  or the copy an installed wheel carries as `transformer_jax/configs`."""
+  package = os.path.dirname(os.path.abspath(__file__))
+  installed = os.path.join(package, 'configs')
+  return installed if os.path.isdir(installed) else os.path.join(os.path.dirname(package),
+                                                                   'configs')
+
+
+def _find_config(argv: list[str]) -> list[str]:
+  """`argv` with a `--config=configs/NAME.py[:variant]` that does not exist relative to
+  the working directory pointed at the shipped copy (`configs_dir`), so that an installed
+  toolkit runs the README's commands from any folder."""
+  out = []
+  for arg in argv:
+    match = re.fullmatch(r'--config=configs/([\w.]+\.py)(:\w*)?', arg)
+    if match and not os.path.exists(f'configs/{match.group(1)}'):
+      shipped = os.path.join(configs_dir(), match.group(1))
+      if os.path.exists(shipped):
+        arg = f'--config={shipped}{match.group(2) or ""}'
+    out.append(arg)
+  if not any(a.startswith('--config=') or a == '--config' for a in argv[1:]):
+    if not os.path.exists(_DEFAULT_CONFIG):  # The default, from another folder.
+      out.append(f'--config={os.path.join(configs_dir(), "mt.py")}')
+  return out
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing that reports a bad flag in one line instead of a traceback."""
   try:
-    return FLAGS(argv)
+    return FLAGS(_find_config(argv))
   except flags.Error as e:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     sys.exit(f'error: {lines[0]} {lines[-1]}' if len(lines) > 1 else f'error: {e}')
@@ -203,7 +232,13 @@ def main(argv):
     os._exit(130)
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """The command line (`python -m transformer_jax.main`, or the `transformer-jax` script
+  of an installed package)."""
   # Huge pages for malloc: 10-20% faster CPU train steps (transformer_jax/hugepages.py).
   hugepages.reexec_with_huge_pages([sys.executable, '-m', 'transformer_jax.main', *sys.argv[1:]])
   app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == '__main__':
+  run()
