@@ -5,6 +5,7 @@ checkpoints hold the adapter alone and restore bit-identically, eval from the ad
 workdir equals eval inside the training process)."""
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -257,6 +258,11 @@ def test_training_matrix(base_run, small_text_dir, tmp_path, name):
   assert jax.tree.structure(restored.params) == jax.tree.structure(final)
   for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(final)):
     np.testing.assert_array_equal(a, b)
+  if name == 'lora':  # Resumed from step 10 (base reloaded), it ends where it ended.
+    shutil.rmtree(os.path.join(workdir, 'checkpoints', '20'))
+    resumed = train.train_and_evaluate(config, workdir)
+    for a, b in zip(jax.tree.leaves(jax.device_get(resumed.params)), jax.tree.leaves(final)):
+      np.testing.assert_array_equal(a, b)
   with open(os.path.join(workdir, peft.CONFIG_FILE)) as f:
     record = json.load(f)
   assert record['settings']['peft_method'] == name and record['base'] == base_workdir
