@@ -137,8 +137,11 @@ def test_strict_names_what_was_not_loaded_in_one_line(source_run):
   two_layers = _init(models.SequenceClassifier(
       dataclasses.replace(architecture, num_encoder_layers=2), num_labels=2))
   with pytest.raises(init_from.InitError,
-                     match=r'15 initialized \(not in the checkpoint\): encoder/layers_1/'):
+                     match=r'15 initialized \(not in the checkpoint\): encoder/layers_1/') as error:
     init_from.assign(two_layers, source, strict=True)
+  # The first 8 names of a category, then a count: the line stays readable.
+  assert str(error.value).count('encoder/layers_1/') == 8
+  assert 'and 7 more (all in train.log)' in str(error.value)
   # Keeping the new head on purpose satisfies strict.
   _, report = init_from.assign(tagger, source, ((r'head/.*', None),), strict=True)
   assert report.kept == HEAD and report.complete

@@ -216,6 +216,13 @@ def test_eval_and_translate_errors_are_one_line(trained):
                             '--mode=eval', '--split=test')
   assert multi30k_split.stderr.strip().splitlines()[-1] == (
       "error: split 'test': Multi30k has the splits train, validation, test_2016")
+  latin1 = os.path.join(workdir, 'latin1.txt')
+  with open(latin1, 'wb') as f:
+    f.write('Ein Mädchen läuft.\n'.encode('latin-1'))
+  not_utf8 = run_main(*flags, '--mode=translate', f'--input={latin1}')
+  assert not_utf8.returncode == 1
+  assert not_utf8.stderr.strip().splitlines()[-1].startswith(
+      f'error: --input={latin1}: not UTF-8 text (invalid continuation byte')
 
 
 def test_scoring_normalizes_hypotheses_and_references_alike(tmp_path):

@@ -121,9 +121,12 @@ class Report:
             f'initialized, {len(self.kept)} kept by init_rules, {len(self.unused)} unused, '
             f'{len(self.mismatched)} shape mismatches')
 
-  def problems(self) -> str:
-    """The categories `init_strict` rejects, with their names, on one line."""
-    parts = [f'{len(names)} {what}: {", ".join(names)}' for what, names in (
+  def problems(self, most: int = 8) -> str:
+    """The categories `init_strict` rejects, with their names (the first `most` of each;
+    all of them are in train.log), on one line."""
+    named = lambda names: ', '.join(names[:most]) + (
+        f' and {len(names) - most} more (all in train.log)' if len(names) > most else '')
+    parts = [f'{len(names)} {what}: {named(names)}' for what, names in (
         ('initialized (not in the checkpoint)', self.initialized),
         ('shape mismatches', self.mismatched),
         ('unused from the checkpoint', self.unused)) if names]

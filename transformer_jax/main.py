@@ -217,9 +217,12 @@ def main(argv):
       with contextlib.ExitStack() as files:
         source, target = _text_streams(files, FLAGS.input, FLAGS.output)
         evaluation.run_predict(config, workdir, source, target, FLAGS.checkpoint)
+  except UnicodeDecodeError as e:  # Input lines are read as UTF-8.
+    source = f'--input={FLAGS.input}' if FLAGS.input else 'stdin'
+    sys.exit(f'error: {source if FLAGS.mode in ("predict", "translate") else "a file"}: not '
+             f'UTF-8 text ({e.reason} at byte {e.start} of a read block)')
   except (config_schema.ConfigError, multi30k.DataError, hf_import.HFImportError,
-          FileNotFoundError, FileExistsError,
-          UnicodeDecodeError) as e:
+          FileNotFoundError, FileExistsError) as e:
     sys.exit(f'error: {e}')
   except KeyboardInterrupt:
     if FLAGS.mode == 'train':
