@@ -500,7 +500,8 @@ def _train(config, workdir: str) -> TrainState:
   optimizer = optim.make_optimizer(config)
   state = create_state(task, optimizer, config.seed, mesh,
                        pretrained=manager.latest_step() is None)
-  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  model_params = state.params if adapter is None else adapter.frozen
+  num_params = sum(x.size for x in jax.tree.leaves(model_params))
   logging.info('Model: %s parameters; %s', f'{num_params:,}', task.describe())
   view = lambda params: params  # What the task's functions take.
   stats = task.batch_stats
