@@ -26,16 +26,9 @@ def _one_of(*choices):
   return (lambda v: v in choices, f'must be one of {choices}')
 
 
-def _valid_regexes(values) -> bool:
-  """Whether every value is a string that compiles as a regex (`validate` names the bad
-  one)."""
-  try:
-    return all(isinstance(v, str) and re.compile(v) is not None for v in values)
-  except re.error:
-    return False
-
-
 def _regex_problem(values) -> str:
+  """'' when every value is a string that compiles as a regex, else what is wrong with the
+  first one that does not."""
   for v in values:
     if not isinstance(v, str):
       return f'{v!r} is not a string'
@@ -46,10 +39,13 @@ def _regex_problem(values) -> str:
   return ''
 
 
-_regexes = (_valid_regexes, 'must be valid regexes')
+# A requirement may be a function of the value, for a message naming what is wrong.
+_regexes = (lambda v: not _regex_problem(v),
+            lambda v: f'must be valid regexes: {_regex_problem(v)}')
 
-# field -> (type(s), (predicate, what the predicate requires)). Fields every task has:
-SCHEMA: dict[str, tuple[Any, tuple[Callable[[Any], bool], str]]] = {
+# field -> (type(s), (predicate, what the predicate requires: a message, or a function of
+# the value giving one)). Fields every task has:
+SCHEMA: dict[str, tuple[Any, tuple[Callable[[Any], bool], str | Callable[[Any], str]]]] = {
     'task': (str, (bool, 'must not be empty')),
     # Data
     'data_dir': (str, _any),
@@ -115,8 +111,9 @@ SCHEMA: dict[str, tuple[Any, tuple[Callable[[Any], bool], str]]] = {
     'lora_rank': (int, _positive),
     'lora_alpha': (float, _positive),
     'lora_dropout': (float, _probability),
-    'lora_targets': ((tuple, list), (lambda v: len(v) > 0 and _regexes[0](v),
-                                     'must be one or more valid regexes')),
+    'lora_targets': ((tuple, list), (lambda v: len(v) > 0 and not _regex_problem(v),
+                                     lambda v: 'must be one or more valid regexes'
+                                     + (f': {_regex_problem(v)}' if v else ''))),
     'adapter_size': (int, _positive),
     'prefix_length': (int, _positive),
     'prefix_mlp_hidden': (int, _non_negative),
@@ -247,10 +244,8 @@ def validate(config) -> None:
       names = 'float' if kind is float else '/'.join(k.__name__ for k in kinds)
       raise ConfigError(f'config.{name}={value!r}: must be of type {names}')
     if not ok(value):
-      problem = _regex_problem(value) if kind == (tuple, list) and requirement.endswith(
-          'valid regexes') else ''
-      raise ConfigError(f'config.{name}={value!r}: {requirement}'
-                        + (f': {problem}' if problem else ''))
+      raise ConfigError(f'config.{name}={value!r}: '
+                        f'{requirement(value) if callable(requirement) else requirement}')
   if config.d_model % config.num_heads:
     raise ConfigError(f'config.d_model={config.d_model}: must be divisible by '
                       f'config.num_heads={config.num_heads}')
