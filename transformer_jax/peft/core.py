@@ -16,7 +16,6 @@ it is given one.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable
 
 import flax
@@ -187,7 +186,3 @@ def dropout(module: nn.Module, x: jax.Array, rate: float, training: bool) -> jax
     return x
   keep = jax.random.bernoulli(module.make_rng('dropout'), 1.0 - rate, x.shape)
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
-
-
-def size(shape: tuple[int, ...]) -> int:
-  return math.prod(shape)

@@ -44,7 +44,7 @@ class LoRA(core.Method):
   def init(self, rng, base):
     tree, rank = {}, self.settings['lora_rank']
     for i, site in enumerate(self.sites):
-      n, m = core.size(site.in_shape), core.size(site.out_shape)
+      n, m = math.prod(site.in_shape), math.prod(site.out_shape)
       bound = 1.0 / math.sqrt(n)  # kaiming_uniform(a=sqrt(5)) of an [n, r] matrix.
       a = jax.random.uniform(jax.random.fold_in(rng, i), (n, rank), jnp.float32, -bound, bound)
       core.set_path(tree, site.path, {'lora_a': a, 'lora_b': jnp.zeros((rank, m), jnp.float32)})
