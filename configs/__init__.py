@@ -20,3 +20,32 @@ def add_peft_fields(c) -> None:
   c.prefix_length = 16        # Prefix positions per attention (Li & Liang 2021).
   c.prefix_mlp_hidden = 0     # > 0: prefixes from an MLP of this width (section 4.3).
   c.prompt_length = 20        # Soft-prompt length on the encoder input (Lester et al. 2021).
+
+
+def add_parallelism_fields(c) -> None:
+  """Sets the fields that say how a run is spread over devices and processes (defaults:
+  data parallelism over every device, one process). Any of them may change on resume: a
+  checkpoint restores onto another mesh. See transformer_jax/sharding.py and the README's
+  "Scale out" section."""
+  # Devices along the mesh axes (data, fsdp, tensor); one -1 means "the rest". Batches
+  # split over data x fsdp; parameters and optimizer state over fsdp and tensor, as
+  # `logical_axis_rules` says.
+  c.mesh_shape = (-1, 1, 1)
+  # (logical axis, mesh axis or None) pairs, in order of precedence (Flax
+  # `nn.logical_axis_rules`): the first rule whose mesh axis is still free in an array
+  # wins. Logical axes: batch, length, embed, heads, kv, mlp, vocab.
+  c.logical_axis_rules = (
+      ('batch', ('data', 'fsdp')),
+      ('embed', 'fsdp'),
+      ('heads', 'tensor'),
+      ('mlp', 'tensor'),
+      ('vocab', 'tensor'),
+  )
+  # Micro-batches per optimizer update: the update equals one step on their concatenation,
+  # with one gradient buffer; the learning-rate schedule counts updates.
+  c.grad_accum_steps = 1
+  # Multi-process runs (jax.distributed): '' = one process, unless the launcher's
+  # environment says otherwise (Cloud TPU, SLURM, JAX_COORDINATOR_ADDRESS, ...).
+  c.coordinator_address = ''  # 'host:port' of process 0.
+  c.num_processes = 0         # 0 = from the environment.
+  c.process_id = -1           # -1 = from the environment.

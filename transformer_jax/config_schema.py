@@ -11,6 +11,8 @@ import os
 import re
 from typing import Any, Callable
 
+from transformer_jax import multihost
+
 
 class ConfigError(ValueError):
   """A config field is unknown, missing, of the wrong type or has an impossible value."""
@@ -37,6 +39,28 @@ def _regex_problem(values) -> str:
     except re.error as e:
       return f'{v!r} is not a valid regex ({e})'
   return ''
+
+
+LOGICAL_AXES = ('batch', 'length', 'embed', 'heads', 'kv', 'mlp', 'vocab')
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+
+def _rules_problem(rules) -> str:
+  """'' when `rules` are (logical axis, mesh axis, mesh axes or None) pairs over LOGICAL_AXES
+  and MESH_AXES, else what is wrong with the first pair that is not."""
+  for rule in rules:
+    if not (isinstance(rule, (tuple, list)) and len(rule) == 2):
+      return f'{rule!r} is not a (logical axis, mesh axes) pair'
+    logical, mesh = rule
+    if logical not in LOGICAL_AXES:
+      return f'{rule!r}: logical axis {logical!r} is not one of {LOGICAL_AXES}'
+    names = () if mesh is None else (mesh,) if isinstance(mesh, str) else mesh
+    if not isinstance(names, (tuple, list)) or any(n not in MESH_AXES for n in names):
+      return f'{rule!r}: {mesh!r} is not None or mesh axes from {MESH_AXES}'
+  return ''
+
+
+_rules_ok = lambda v: not _rules_problem(v)
 
 
 # A requirement may be a function of the value, for a message naming what is wrong.
@@ -118,6 +142,17 @@ SCHEMA: dict[str, tuple[Any, tuple[Callable[[Any], bool], str | Callable[[Any], 
     'prefix_length': (int, _positive),
     'prefix_mlp_hidden': (int, _non_negative),
     'prompt_length': (int, _positive),
+    # Devices and processes (transformer_jax/sharding.py); checked against the devices at
+    # the start (`sharding.make_mesh`).
+    'mesh_shape': ((tuple, list), (
+        lambda v: (len(v) == 3 and all(isinstance(n, int) and (n > 0 or n == -1) for n in v)
+                   and list(v).count(-1) <= 1),
+        'must be 3 sizes (data, fsdp, tensor), each > 0 or one of them -1 (the rest)')),
+    'logical_axis_rules': ((tuple, list), (_rules_ok, lambda v: f"must be (logical axis, mesh axes) pairs: {_rules_problem(v)}")),
+    'grad_accum_steps': (int, _positive),
+    'coordinator_address': (str, _any),
+    'num_processes': (int, _non_negative),
+    'process_id': (int, (lambda v: v >= -1, 'must be >= 0, or -1 (from the environment)')),
 }
 
 # Fields of task 'translation' (transformer_jax/tasks/translation.py).
@@ -223,7 +258,7 @@ def validate(config) -> None:
       (ints are accepted for floats) or out of range, or d_model not divisible by
       num_heads, or (translation) source_lang == target_lang, or (classification,
       tagging) labels that disagree with num_labels, or cadences the loop cannot honour
-      (`check_cadences`).
+      (`check_cadences`), or multi-process settings that cannot start (`check_processes`).
   """
   if not isinstance(config.get('task'), str):
     raise ConfigError('config.task: missing field (translation, classification, tagging or '
@@ -265,6 +300,7 @@ def validate(config) -> None:
     raise ConfigError("config.peft_method='prompt': one prompt per row would join the pairs "
                       'packed into it; set config.pack_examples=False')
   check_cadences(config)
+  check_processes(config)
 
 
 # Fields that fix the shapes of the parameters: eval/translate must use the trained values.
@@ -275,7 +311,10 @@ MODEL_FIELDS = ('d_model', 'num_heads', 'd_ff', 'num_encoder_layers', 'num_decod
 def save_model_config(config, vocab_size: int, workdir: str, extra: dict | None = None,
                       fields: tuple[str, ...] = MODEL_FIELDS) -> None:
   """Writes {workdir}/model_config.json: the `fields` of `config` it has, the tokenizer's
-  vocab size and `extra` (e.g. a task's imported architecture and its labels)."""
+  vocab size and `extra` (e.g. a task's imported architecture and its labels). Only
+  process 0 of a multi-process run writes it (`multihost.is_primary`)."""
+  if not multihost.is_primary():
+    return
   record = {name: config[name] for name in fields if name in config}
   record['vocab_size'] = vocab_size
   record.update(extra or {})
@@ -372,6 +411,10 @@ RESUME_FREE_FIELDS = (
     'spm_byte_fallback',
     # Where prepared data is cached; the peak FLOP/s the MFU is computed against.
     'tfds_data_dir', 'peak_flops_per_device',
+    # Where it runs: a checkpoint restores onto another mesh, and accumulating gradients
+    # over micro-batches gives the same update as the whole batch at once.
+    'mesh_shape', 'logical_axis_rules', 'grad_accum_steps', 'coordinator_address',
+    'num_processes', 'process_id',
 )
 RUN_CONFIG_FILE = 'run_config.json'
 
@@ -399,7 +442,9 @@ def _recorded(name: str, value):
 def save_run_config(config, workdir: str) -> None:
   """Writes every field of `config` to {workdir}/run_config.json, atomically (a temporary
   file renamed): the config the run started with, which `check_run_config` compares a
-  resumed run's config to."""
+  resumed run's config to. Only process 0 of a multi-process run writes it."""
+  if not multihost.is_primary():
+    return
   record = {name: _recorded(name, config[name]) for name in sorted(config.keys())}
   path = os.path.join(workdir, RUN_CONFIG_FILE)
   with open(path + '.tmp', 'w', encoding='utf-8') as f:
@@ -467,3 +512,29 @@ def check_cadences(config) -> None:
     raise ConfigError(f'config.patience={config.patience}: counts validation BLEU '
                       'evaluations, but config.bleu_every_steps=0 computes none; set '
                       'bleu_every_steps > 0 or patience=0')
+
+
+def check_processes(config) -> None:
+  """Refuses multi-process settings (coordinator_address, num_processes, process_id) that
+  cannot start (`multihost.initialize`); a config without them passes.
+
+  Raises:
+    ConfigError: coordinator_address not 'host:port'; coordinator_address set with
+      num_processes 0, or with process_id -1 for more than one process;
+      process_id >= num_processes.
+  """
+  address = config.get('coordinator_address', '')
+  num_processes = config.get('num_processes', 0)
+  process_id = config.get('process_id', -1)
+  if address and not re.fullmatch(r'.+:\d+', address):
+    raise ConfigError(f"config.coordinator_address={address!r}: must be 'host:port', the "
+                      'address of process 0')
+  if address and not num_processes:
+    raise ConfigError(f'config.num_processes=0: config.coordinator_address={address!r} needs '
+                      'the number of processes (>= 1)')
+  if address and num_processes > 1 and process_id < 0:
+    raise ConfigError(f'config.process_id=-1: config.coordinator_address={address!r} needs '
+                      f"this process's id, 0..{num_processes - 1}")
+  if num_processes and process_id >= num_processes:
+    raise ConfigError(f'config.process_id={process_id}: must be < config.num_processes='
+                      f'{num_processes}')

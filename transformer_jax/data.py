@@ -35,6 +35,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from transformer_jax import multi30k
+from transformer_jax import multihost
 from transformer_jax import tokenizer
 from transformer_jax.config_schema import ConfigError
 from transformer_jax.tokenizer import EOS_ID
@@ -79,12 +80,15 @@ def _load_pairs(config, split: str, workdir: str) -> tuple[list[str], list[str]]
     if len(other) != 1 or not other <= set(multi30k.LANGUAGES):
       raise ConfigError(f'config.source_lang={src!r}, config.target_lang={tgt!r}: Multi30k '
                        f'pairs English with one of {multi30k.LANGUAGES}')
-    ds = multi30k.load_split(config.data_dir, f'{other.pop()}-en', split,
-                             tfds_dir(config, workdir))
+    # Process 0 prepares the TFDS data; the other processes then reuse it.
+    with multihost.primary_first('multi30k'):
+      ds = multi30k.load_split(config.data_dir, f'{other.pop()}-en', split,
+                               tfds_dir(config, workdir))
   else:
     try:
-      ds = tfds.load(config.dataset_name, split=split, data_dir=tfds_dir(config, workdir),
-                     download=True)
+      with multihost.primary_first('tfds'):
+        ds = tfds.load(config.dataset_name, split=split, data_dir=tfds_dir(config, workdir),
+                       download=True)
     except ValueError as e:  # Unknown split, or a bad dataset name.
       raise ConfigError(f'{config.dataset_name} split {split!r}: {e}') from e
   sources, targets = [], []

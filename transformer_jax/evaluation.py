@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from transformer_jax import checkpoints
+from transformer_jax import multihost
 from transformer_jax import optim
 from transformer_jax import peft
 from transformer_jax import sharding
@@ -38,7 +39,7 @@ def load_task(config, workdir: str, checkpoint: str = 'best') -> tuple[tasks.Tas
     peft.AdapterError: the base or tokenizer differs from the adapter's.
   """
   from transformer_jax import train  # pylint: disable=g-import-not-at-top (cycle)
-  mesh = sharding.make_mesh()
+  mesh = sharding.config_mesh(config)
   adapter = peft.Adapter.from_workdir(workdir)
   if adapter is not None and not config.init_from:  # The base the adapter was trained on.
     config = config.copy_and_resolve_references()
@@ -113,7 +114,8 @@ def run_eval(config, workdir: str, split: str, checkpoint: str = 'best') -> dict
   """Scores a checkpoint on `split` with the task's `test` and prints its report."""
   task, params, name = load_task(config, workdir, checkpoint)
   result, report = task.test(params, split, name)
-  print(report)
+  if multihost.is_primary():
+    print(report)
   return result
 
 
@@ -158,7 +160,9 @@ def run_merge(config, workdir: str, output: str, checkpoint: str = 'best') -> st
   merged = task.peft.merged(params.trainable)
   manager = checkpoints.make_manager(output, 1)
   try:
-    for entry in ('tokenizer', 'model_config.json'):
+    # Process 0 copies the files; every process saves its part of the checkpoint.
+    entries = ('tokenizer', 'model_config.json') if multihost.is_primary() else ()
+    for entry in entries:
       source = os.path.join(workdir, entry)
       if os.path.isdir(source):
         shutil.copytree(source, os.path.join(output, entry), dirs_exist_ok=True)
@@ -173,5 +177,6 @@ def run_merge(config, workdir: str, output: str, checkpoint: str = 'best') -> st
   finally:
     manager.close()
   path = os.path.join(output, 'checkpoints', str(step))
-  print(f'merged {task.peft.method.name} ({name} of {workdir}) into its base: {path}')
+  if multihost.is_primary():
+    print(f'merged {task.peft.method.name} ({name} of {workdir}) into its base: {path}')
   return path

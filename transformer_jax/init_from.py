@@ -52,6 +52,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from transformer_jax import config_schema
+from transformer_jax import multihost
 
 HF_PREFIX = 'hf:'
 CHECKPOINTS = 'checkpoints'  # {workdir}/checkpoints/STEP (transformer_jax.checkpoints).
@@ -400,10 +401,18 @@ def copy_tokenizer(run_dir: str, workdir: str) -> None:
   initialized from `run_dir` tokenizes as it did. Files the workdir already has must be
   byte-equal to the source's (a rerun); the workdir may hold no other tokenizer file.
 
+  In a multi-process run process 0 copies first; the others then find the files there
+  (`multihost.primary_first`): every process must call this.
+
   Raises:
     InitError: the source has no tokenizer files, or the workdir's tokenizer differs
       (naming both files).
   """
+  with multihost.primary_first('copy_tokenizer'):
+    _copy_tokenizer(run_dir, workdir)
+
+
+def _copy_tokenizer(run_dir: str, workdir: str) -> None:
   source = os.path.join(run_dir, TOKENIZER)
   target = os.path.join(workdir, TOKENIZER)
   files = lambda folder: sorted(

@@ -10,6 +10,12 @@ A loss is any JAX function with the signature
   loss     float32 scalar     what is differentiated
   metrics  dict[str, scalar]  anything to log (averaged over the steps between logs)
 
+With gradient accumulation (`config.grad_accum_steps` > 1) the micro-batches' gradients
+and metrics are combined into the whole batch's (`train.LossFn`), which needs the loss
+to be the weighted mean sum(w * l) / sum(w) with sum(w) in metrics['num_tokens'] (or
+'num_examples'), as `cross_entropy` and `mse` give it; a loss with neither counts every
+micro-batch alike (exact for a plain mean over the rows). Metrics named 'num_*' are summed.
+
 The leading shape [...] depends on the task:
   translation     [B, T]  one target token per position
   classification  [B]     one label per sentence (regression: float targets, V = 1)

@@ -41,6 +41,7 @@ from ml_collections import config_flags
 
 from transformer_jax import config_schema
 from transformer_jax import hugepages
+from transformer_jax import multihost  # No jax import until used.
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Folder for everything the run writes (tokenizer, '
@@ -107,7 +108,10 @@ def _text_streams(files: contextlib.ExitStack, input_path: str | None,
                   output_path: str | None) -> tuple[io.TextIOBase, io.TextIOBase]:
   """(--input or stdin, --output or stdout) as UTF-8 text with lines ending at '\n' only:
   Python's default newline handling would also end an input line at '\r', shifting every
-  later output line. Opened files are closed by `files`."""
+  later output line. Opened files are closed by `files`. In a multi-process run only
+  process 0 writes the output; the others write to os.devnull."""
+  if not multihost.is_primary():
+    output_path = os.devnull
   if input_path:
     source = files.enter_context(open(input_path, encoding='utf-8', newline='\n'))
   else:
@@ -198,6 +202,12 @@ def main(argv):
   print(f'workdir: {os.path.abspath(workdir)}', file=sys.stderr)
   if FLAGS.input and not os.path.isfile(FLAGS.input):
     sys.exit(f'error: --input={FLAGS.input}: no such file')
+  # Several processes (config.coordinator_address, ..., or a launcher's environment):
+  # jax.distributed starts before anything uses a device.
+  try:
+    multihost.initialize(config)
+  except config_schema.ConfigError as e:
+    sys.exit(f'error: {e}')
 
   # pylint: disable=g-import-not-at-top
   from absl import logging

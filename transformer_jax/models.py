@@ -25,9 +25,18 @@ example and T5X.
 Every projection is a named `nn.DenseGeneral` (`query`, `key`, `value`, `out`, `wi`,
 `wo`), so parameter-efficient methods can address them by path and keep their own
 parameters in a pytree apart from these base `params`.
+
+Every parameter names its axes (`nn.with_logical_partitioning`; `model.init` returns the
+plain arrays, and inside `with models.axis_names():` the `nn.LogicallyPartitioned` boxes
+that carry the names) and the activations between layers name theirs
+(`nn.with_logical_constraint`, a no-op outside `transformer_jax.sharding.rules_context`):
+'batch', 'length', 'embed' (D), 'heads' (H), 'kv' (K), 'mlp' (F), 'vocab' (V).
+`transformer_jax.sharding` maps them onto a device mesh.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 from typing import Any
 
@@ -39,6 +48,33 @@ import numpy as np
 from transformer_jax.tokenizer import BOS_ID, PAD_ID
 
 Array = jax.Array
+
+
+_AXIS_NAMES = contextvars.ContextVar('axis_names', default=False)
+
+
+@contextlib.contextmanager
+def axis_names():
+  """Within it, `init` of these models returns each parameter boxed with its logical axis
+  names (`nn.LogicallyPartitioned`; `nn.get_partition_spec` reads them, `nn.unbox` drops
+  them); outside, the plain arrays. Use it around `jax.eval_shape(model.init, ...)`."""
+  token = _AXIS_NAMES.set(True)
+  try:
+    yield
+  finally:
+    _AXIS_NAMES.reset(token)
+
+
+def _named(init, *axes: str | None):
+  """`init` whose parameter carries logical axis names `axes` (one per dimension) inside
+  `axis_names()`; the values are the same either way."""
+  boxed = nn.with_logical_partitioning(init, axes)
+  return lambda *args: boxed(*args) if _AXIS_NAMES.get() else init(*args)
+
+
+def _constrain(x: Array, *axes: str | None) -> Array:
+  """x sharded as the logical `axes` say (under `sharding.rules_context`; else x)."""
+  return nn.with_logical_constraint(x, axes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,32 +218,38 @@ class MultiHeadAttention(nn.Module):
     head_dim = cfg.d_model // cfg.num_heads
     project = lambda use_bias=True: nn.DenseGeneral(
         features=(cfg.num_heads, head_dim), use_bias=use_bias, dtype=cfg.dtype,
-        param_dtype=cfg.param_dtype, kernel_init=nn.initializers.xavier_uniform())
+        param_dtype=cfg.param_dtype,
+        kernel_init=_named(nn.initializers.xavier_uniform(), 'embed', 'heads', 'kv'),
+        bias_init=_named(nn.initializers.zeros_init(), 'heads', 'kv'))
     self.query = project()
     # No key bias: it adds the same q.b to every logit of a query, which softmax ignores.
     self.key = project(use_bias=False)
     self.value = project()
-    self.out = nn.DenseGeneral(features=cfg.d_model, axis=(-2, -1), dtype=cfg.dtype,
-                               param_dtype=cfg.param_dtype,
-                               kernel_init=nn.initializers.xavier_uniform())
+    self.out = nn.DenseGeneral(
+        features=cfg.d_model, axis=(-2, -1), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        kernel_init=_named(nn.initializers.xavier_uniform(), 'heads', 'kv', 'embed'),
+        bias_init=_named(nn.initializers.zeros_init(), 'embed'))
     self.dropout = Dropout(cfg.attention_dropout_rate)
 
   def project_kv(self, keys_values: Array) -> tuple[Array, Array]:
     """[B, Tk, D] -> keys, values [B, Tk, H, K]."""
-    return self.key(keys_values), self.value(keys_values)
+    axes = ('batch', 'length', 'heads', 'kv')
+    return (_constrain(self.key(keys_values), *axes),
+            _constrain(self.value(keys_values), *axes))
 
   def attend(self, queries: Array, keys: Array, values: Array, mask: Array,
              deterministic: bool) -> Array:
     """queries [B, Tq, D], projected keys/values [B, Tk, H, K], mask bool broadcastable to
     [B, H, Tq, Tk] (True = attend) -> [B, Tq, D] in `config.dtype`."""
     cfg = self.config
-    q = self.query(queries)  # [B, Tq, H, K]
+    q = _constrain(self.query(queries), 'batch', 'length', 'heads', 'kv')  # [B, Tq, H, K]
     logits = jnp.einsum('bqhk,bthk->bhqt', q, keys) / np.sqrt(q.shape[-1]).astype(cfg.dtype)
     logits = jnp.where(mask, logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(cfg.dtype)  # [B, H, Tq, Tk]
     weights = self.dropout(weights, deterministic=deterministic)
     context = jnp.einsum('bhqt,bthk->bqhk', weights, values)  # [B, Tq, H, K]
-    return self.out(context)
+    context = _constrain(context, 'batch', 'length', 'heads', 'kv')
+    return _constrain(self.out(context), 'batch', 'length', 'embed')
 
   def __call__(self, queries: Array, keys_values: Array, mask: Array,
                deterministic: bool) -> Array:
@@ -225,16 +267,21 @@ class FeedForward(nn.Module):
   def __call__(self, x: Array, deterministic: bool) -> Array:
     """x [B, T, D] -> [B, T, D]."""
     cfg = self.config
-    dense = lambda features, name: nn.DenseGeneral(
+    dense = lambda features, name, axes: nn.DenseGeneral(
         features, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-        kernel_init=nn.initializers.xavier_uniform(), name=name)
-    h = ACTIVATIONS[cfg.activation](dense(cfg.d_ff, 'wi')(x))  # [B, T, F]
+        kernel_init=_named(nn.initializers.xavier_uniform(), *axes),
+        bias_init=_named(nn.initializers.zeros_init(), axes[1]), name=name)
+    h = ACTIVATIONS[cfg.activation](dense(cfg.d_ff, 'wi', ('embed', 'mlp'))(x))  # [B, T, F]
+    h = _constrain(h, 'batch', 'length', 'mlp')
     h = Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
-    return dense(cfg.d_model, 'wo')(h)     # [B, T, D]
+    return _constrain(dense(cfg.d_model, 'wo', ('mlp', 'embed'))(h),  # [B, T, D]
+                      'batch', 'length', 'embed')
 
 
 def _layer_norm(cfg: TransformerConfig) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+  return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                      scale_init=_named(nn.initializers.ones_init(), 'embed'),
+                      bias_init=_named(nn.initializers.zeros_init(), 'embed'))
 
 
 class EncoderLayer(nn.Module):
@@ -259,7 +306,7 @@ class EncoderLayer(nn.Module):
     h = self.self_attention_norm(x)
     x = x + drop(self.self_attention(h, h, mask, deterministic))
     h = self.feed_forward_norm(x)
-    return x + drop(self.feed_forward(h, deterministic))
+    return _constrain(x + drop(self.feed_forward(h, deterministic)), 'batch', 'length', 'embed')
 
 
 class DecoderLayer(nn.Module):
@@ -286,7 +333,7 @@ class DecoderLayer(nn.Module):
     h = self.cross_attention_norm(y)
     y = y + drop(self.cross_attention(h, encoded, cross_mask, deterministic))
     h = self.feed_forward_norm(y)
-    return y + drop(self.feed_forward(h, deterministic))
+    return _constrain(y + drop(self.feed_forward(h, deterministic)), 'batch', 'length', 'embed')
 
   def init_cache(self, encoded: Array, max_length: int) -> dict:
     """Cross-attention keys/values, computed once per source, and an empty self-attention
@@ -328,10 +375,11 @@ class Embedder(nn.Module):
     cfg = self.config
     self.embed = nn.Embed(
         cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-        embedding_init=nn.initializers.normal(stddev=cfg.d_model ** -0.5))
-    table = lambda rows: nn.Embed(rows, cfg.d_model, dtype=cfg.dtype,
-                                  param_dtype=cfg.param_dtype,
-                                  embedding_init=nn.initializers.normal(stddev=0.02))
+        embedding_init=_named(nn.initializers.normal(stddev=cfg.d_model ** -0.5),
+                              'vocab', 'embed'))
+    table = lambda rows: nn.Embed(
+        rows, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        embedding_init=_named(nn.initializers.normal(stddev=0.02), None, 'embed'))
     if cfg.position_embedding == 'learned':
       self.position_embed = table(cfg.max_position_embeddings)
     if cfg.type_vocab_size > 0:
@@ -366,11 +414,11 @@ class Embedder(nn.Module):
       x = x + self.type_embed(jnp.zeros_like(tokens) if token_types is None else token_types)
     elif token_types is not None:
       raise ValueError('token_types given but TransformerConfig.type_vocab_size is 0')
-    return self.norm(x) if cfg.embedding_norm else x
+    return _constrain(self.norm(x) if cfg.embedding_norm else x, 'batch', 'length', 'embed')
 
   def attend(self, x: Array) -> Array:
     """Output logits with the transposed embedding table: [B, T, D] -> float32 [B, T, V]."""
-    return self.embed.attend(x).astype(jnp.float32)
+    return _constrain(self.embed.attend(x).astype(jnp.float32), 'batch', 'length', 'vocab')
 
 
 class Encoder(nn.Module):
@@ -421,13 +469,16 @@ class Decoder(nn.Module):
     self.final_norm = _layer_norm(cfg)
     self.dropout = Dropout(cfg.dropout_rate)
     if not cfg.share_embeddings:
-      self.logits = nn.DenseGeneral(cfg.vocab_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+      self.logits = nn.DenseGeneral(
+          cfg.vocab_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+          kernel_init=_named(nn.initializers.lecun_normal(), 'embed', 'vocab'),
+          bias_init=_named(nn.initializers.zeros_init(), 'vocab'))
 
   def _to_logits(self, y: Array) -> Array:
     y = self.final_norm(y)
     if self.config.share_embeddings:
       return self.embedder.attend(y)
-    return self.logits(y).astype(jnp.float32)
+    return _constrain(self.logits(y).astype(jnp.float32), 'batch', 'length', 'vocab')
 
   def __call__(self, encoded: Array, inputs: Array, targets: Array,
                deterministic: bool, inputs_segmentation: Array | None = None,
@@ -533,7 +584,9 @@ class _EncoderWithHead(nn.Module):
     self.source_embedder = Embedder(cfg)
     self.encoder = Encoder(cfg, self.source_embedder)
     self.head_dropout = Dropout(cfg.dropout_rate)
-    self.head = nn.Dense(self.num_labels, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    self.head = nn.Dense(self.num_labels, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                         kernel_init=_named(nn.initializers.lecun_normal(), 'embed', None),
+                         bias_init=_named(nn.initializers.zeros_init(), None))
 
   def encode(self, inputs: Array, deterministic: bool = True,
              token_types: Array | None = None) -> Array:
@@ -595,10 +648,12 @@ class MaskedLM(nn.Module):
     cfg = self.config
     self.source_embedder = Embedder(cfg)
     self.encoder = Encoder(cfg, self.source_embedder)
-    self.mlm_dense = nn.Dense(cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    self.mlm_dense = nn.Dense(cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                              kernel_init=_named(nn.initializers.lecun_normal(), 'embed', None),
+                              bias_init=_named(nn.initializers.zeros_init(), None))
     self.mlm_norm = _layer_norm(cfg)
-    self.mlm_bias = self.param('mlm_bias', nn.initializers.zeros, (cfg.vocab_size,),
-                               cfg.param_dtype)
+    self.mlm_bias = self.param('mlm_bias', _named(nn.initializers.zeros, 'vocab'),
+                               (cfg.vocab_size,), cfg.param_dtype)
 
   def __call__(self, inputs: Array, deterministic: bool = True,
                positions: Array | None = None) -> Array:

@@ -44,6 +44,7 @@ from absl import logging
 import numpy as np
 import sentencepiece as spm
 
+from transformer_jax import multihost
 from transformer_jax.config_schema import ConfigError
 
 PAD_ID = 0
@@ -255,18 +256,22 @@ def load_or_train(config, workdir: str, sentences: list[str],
   """The SentencePiece model in {workdir}/tokenizer/spm.model, trained on (at most
   `config.spm_max_sentences`, sampled with `config.seed`) `sentences` the first time and
   reused on restarts. `config.spm_byte_fallback` (False where the config lacks it)
-  applies to a new model only: a reused one keeps what it was trained with."""
+  applies to a new model only: a reused one keeps what it was trained with.
+
+  In a multi-process run process 0 trains and writes the model; the others wait for it
+  and load it (`multihost.primary_first`): every process must call this."""
   path = os.path.join(workdir, 'tokenizer', 'spm.model')
-  if os.path.exists(path):
-    logging.info('Reusing tokenizer %s', path)
-    return load(path)
-  rng = np.random.default_rng(config.seed)
-  if len(sentences) > config.spm_max_sentences:
-    sentences = [sentences[i] for i in
-                 rng.choice(len(sentences), config.spm_max_sentences, replace=False)]
-  return train(sentences, path, config.vocab_size, config.spm_model_type,
-               config.spm_character_coverage, control_symbols,
-               byte_fallback=config.get('spm_byte_fallback', False))
+  with multihost.primary_first('tokenizer'):
+    if os.path.exists(path):
+      logging.info('Reusing tokenizer %s', path)
+      return load(path)
+    rng = np.random.default_rng(config.seed)
+    if len(sentences) > config.spm_max_sentences:
+      sentences = [sentences[i] for i in
+                   rng.choice(len(sentences), config.spm_max_sentences, replace=False)]
+    return train(sentences, path, config.vocab_size, config.spm_model_type,
+                 config.spm_character_coverage, control_symbols,
+                 byte_fallback=config.get('spm_byte_fallback', False))
 
 
 def join_words(per_word: list[list[int]], unk_id: int) -> tuple[list[int], list[int]]:

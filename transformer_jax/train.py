@@ -26,8 +26,10 @@ from typing import Any, Callable
 
 from absl import logging
 import flax
+from flax import traverse_util
 from flax.metrics import tensorboard
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import tqdm
@@ -36,6 +38,8 @@ from transformer_jax import checkpoints
 from transformer_jax import config_schema
 from transformer_jax import flops
 from transformer_jax import hugepages
+from transformer_jax import models
+from transformer_jax import multihost
 from transformer_jax import optim
 from transformer_jax import peft
 from transformer_jax import sharding
@@ -52,12 +56,37 @@ class TrainState:
 
 
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
+"""(params, batch {name: [B, ...]}, dropout_rng) -> (float32 scalar loss, metrics of float
+scalars): a task's `loss`, traced inside the jitted train step.
+
+What gradient accumulation (`train_step`'s grad_accum_steps > 1) relies on: the loss is a
+weighted mean over the batch, sum(l * w) / sum(w), and its metrics give the weight sum
+sum(w) of the batch under the first of LOSS_WEIGHT_KEYS that they have ('num_tokens' of
+`losses.cross_entropy`, 'num_examples' of `losses.mse`), a value that does not depend on
+the parameters. Micro-batch i then counts with the share n_i / sum_j n_j of that weight
+in the update, as it does in the whole batch's mean. A loss whose metrics have none of
+those keys counts every micro-batch equally, which is exact for a plain mean over the B
+rows. Metrics named 'num_*' are counts and are summed over micro-batches; the other
+metrics are combined with the loss's shares, so means over the same weights (e.g. 'nll',
+'accuracy') come out as the whole batch's."""
+
+# Metric names a loss may give its weight sum sum(w) under, in order of precedence.
+LOSS_WEIGHT_KEYS = ('num_tokens', 'num_examples')
 
 
 def train_step(state: TrainState, batch: dict, frozen: Any = None, *, loss_fn: LossFn,
                optimizer: optax.GradientTransformation, schedule: Callable,
-               seed: int) -> tuple[TrainState, dict]:
-  """One optimizer update on a batch.
+               seed: int, grad_accum_steps: int = 1) -> tuple[TrainState, dict]:
+  """One optimizer update on a batch, its gradient computed whole or in micro-batches.
+
+  With grad_accum_steps = k > 1 the batch is split into k micro-batches of B / k rows
+  (micro-batch i: rows i, i + k, i + 2k, ..., so that with rows sharded over devices each
+  device gives every micro-batch its share), run one after the other by `jax.lax.scan`,
+  their gradients summed into one float32 buffer of the trainable tree's shape, weighted
+  by their share of the loss's weight (`LossFn`), and one optimizer update is applied:
+  the update equals the one on the whole batch (to float32 rounding, and with dropout
+  off, as the micro-batches draw other dropout masks), with the activation memory of
+  B / k rows. `state.step`, and so the learning-rate schedule, counts updates.
 
   Args:
     state: the current state.
@@ -65,20 +94,27 @@ def train_step(state: TrainState, batch: dict, frozen: Any = None, *, loss_fn: L
     frozen: None, or (a PEFT run) the frozen base parameters: the loss then gets
       `peft.Params(frozen, state.params)` and only `state.params`, the trainable tree, is
       differentiated and updated.
-    loss_fn: (params, batch, dropout_rng) -> (scalar loss, metrics): a task's `loss`.
+    loss_fn: (params, batch, dropout_rng) -> (scalar loss, metrics): a task's `loss`
+      (see `LossFn` for what accumulation needs of it).
     optimizer: the Optax transformation (`optim.make_optimizer`).
     schedule: its learning-rate schedule, logged.
-    seed: the run's seed; the dropout rng of a step is fold_in(PRNGKey(seed), step).
+    seed: the run's seed; the dropout rng of a step is fold_in(PRNGKey(seed), step), and
+      with k > 1 that of its micro-batch i is fold_in(fold_in(PRNGKey(seed), step), i).
+    grad_accum_steps: k >= 1, micro-batches per update (`config.grad_accum_steps`);
+      1 computes the gradient of the whole batch at once.
 
   Returns:
     The new state and scalar metrics: the loss function's, plus 'loss', 'grad_norm'
     and 'learning_rate', the rate this update applied: `schedule(state.step)`, which
     is Optax's `schedule(count)` as the optimizer's count equals the state's step.
+    With k > 1 they are the whole batch's: 'loss' and the loss function's metrics
+    combined as `LossFn` says, 'grad_norm' the norm of the accumulated gradient.
 
   Raises:
     ValueError: (when traced) a floating parameter narrower than float32: small
       updates round away in bfloat16 and adam_eps underflows in float16
-      (`optim.MASTER_DTYPE`; `create_state` makes float32 master weights).
+      (`optim.MASTER_DTYPE`; `create_state` makes float32 master weights); k < 1, batch
+      arrays without one common leading size B, or B not divisible by k.
   """
   low = optim.low_precision_leaves(state.params)
   if low:
@@ -88,6 +124,9 @@ def train_step(state: TrainState, batch: dict, frozen: Any = None, *, loss_fn: L
   dropout_rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
   objective = loss_fn if frozen is None else (
       lambda trainable, *args: loss_fn(peft.Params(frozen, trainable), *args))
+  if grad_accum_steps != 1:
+    return _accumulated_step(state, batch, objective, dropout_rng, grad_accum_steps,
+                             optimizer=optimizer, schedule=schedule)
   (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(
       state.params, batch, dropout_rng)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -97,58 +136,167 @@ def train_step(state: TrainState, batch: dict, frozen: Any = None, *, loss_fn: L
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
+def _loss_weight(metrics: dict) -> jax.Array:
+  """float32 scalar: the weight sum a loss's metrics give under LOSS_WEIGHT_KEYS, else 1."""
+  for key in LOSS_WEIGHT_KEYS:
+    if key in metrics:
+      return jnp.asarray(metrics[key], jnp.float32)
+  return jnp.ones((), jnp.float32)
+
+
+def _accumulated_step(state: TrainState, batch: dict, objective: LossFn,
+                      dropout_rng: jax.Array, k: int, *, optimizer: optax.GradientTransformation,
+                      schedule: Callable) -> tuple[TrainState, dict]:
+  """`train_step` with grad_accum_steps = k > 1 (see there): the k micro-batches' gradients
+  of `objective` (on the trainable tree) accumulated by `jax.lax.scan` into one float32
+  buffer, then one update.
+
+  Raises:
+    ValueError: k not an int >= 1, batch arrays without one common leading size B, or
+      B % k != 0.
+  """
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+    raise ValueError(f'grad_accum_steps={k!r}: must be an int >= 1')
+  shapes = {jax.tree_util.keystr(path): np.shape(x)
+            for path, x in jax.tree_util.tree_leaves_with_path(batch)}
+  sizes = {shape[0] if shape else None for shape in shapes.values()}
+  if len(sizes) != 1 or None in sizes:
+    raise ValueError(f'grad_accum_steps={k}: the batch arrays need one leading size B '
+                     f'(rows) to split, got shapes {shapes}')
+  rows = sizes.pop()
+  if rows % k:
+    raise ValueError(f'grad_accum_steps={k} does not divide the batch of B={rows} rows: '
+                     f'B must be a multiple of k (micro-batches of B / k rows)')
+  # [B, ...] -> [k, B / k, ...], micro-batch i = rows i, i + k, i + 2k, ...
+  micro_batches = jax.tree.map(
+      lambda x: jnp.swapaxes(jnp.reshape(x, (rows // k, k) + x.shape[1:]), 0, 1), batch)
+
+  def accumulate(total, xs):
+    micro_batch, i = xs
+    (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(
+        state.params, micro_batch, jax.random.fold_in(dropout_rng, i))
+    weight = _loss_weight(metrics)  # sum(w) of the micro-batch: its loss's denominator.
+    total = jax.tree.map(lambda t, g: t + weight * g.astype(jnp.float32), total, grads)
+    return total, (loss, metrics, weight)
+
+  zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), state.params)
+  total, (loss, metrics, weights) = jax.lax.scan(accumulate, zeros,
+                                                 (micro_batches, jnp.arange(k)))  # [k] each
+  # The whole batch's weighted mean: sum_i n_i mean_i / sum_i n_i, and 0 (as the losses
+  # give) when every weight is 0.
+  weight_sum = jnp.sum(weights)
+  denominator = jnp.where(weight_sum > 0, weight_sum, 1.0)
+  grads = jax.tree.map(lambda t: t / denominator, total)
+  shares = weights / denominator
+
+  def combine(name, values):  # [k, ...] -> [...]
+    if name.startswith('num_'):
+      return jnp.sum(values, axis=0)
+    return jnp.sum(jnp.reshape(shares, (k,) + (1,) * (values.ndim - 1)) * values, axis=0)
+
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {**{name: combine(name, v) for name, v in metrics.items()},
+             'loss': combine('loss', loss), 'grad_norm': optax.global_norm(grads),
+             'learning_rate': schedule(state.step)}
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
 class _LogFile:
   """Sends INFO and above to {workdir}/train.log while the console shows only warnings,
-  the progress bar and the eval lines; removed again on exit."""
+  the progress bar and the eval lines; removed again on exit. In a multi-process run
+  only process 0 writes train.log (the others' consoles still show warnings)."""
 
   def __init__(self, workdir: str):
-    self.handler = py_logging.FileHandler(os.path.join(workdir, 'train.log'))
-    self.handler.setFormatter(py_logging.Formatter('%(asctime)s %(levelname)s %(message)s'))
+    self.handler = None
+    if multihost.is_primary():
+      self.handler = py_logging.FileHandler(os.path.join(workdir, 'train.log'))
+      self.handler.setFormatter(py_logging.Formatter('%(asctime)s %(levelname)s %(message)s'))
 
   def __enter__(self):
-    logging.get_absl_logger().addHandler(self.handler)
+    if self.handler is not None:
+      logging.get_absl_logger().addHandler(self.handler)
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().setLevel(py_logging.WARNING)
 
   def __exit__(self, *exc):
-    logging.get_absl_logger().removeHandler(self.handler)
-    self.handler.close()
+    if self.handler is not None:
+      logging.get_absl_logger().removeHandler(self.handler)
+      self.handler.close()
+
+
+class _NoWriter:
+  """The TensorBoard writer of a process other than process 0: writes nothing."""
+
+  def scalar(self, *args, **kwargs):
+    pass
+
+  def flush(self):
+    pass
+
+  def close(self):
+    pass
 
 
 def create_state(task: tasks.Task, optimizer: optax.GradientTransformation, seed: int,
                  mesh, pretrained: bool = False) -> TrainState:
   """A freshly initialized state (the task's `init_params`, and with `pretrained` its
-  `load_pretrained`) replicated over `mesh`.
+  `load_pretrained`) laid out on `mesh` as `task.rules` say (`sharding.logical_shardings`
+  of the parameters' logical axis names; the optimizer moments like their parameters;
+  scalars replicated). Each array is created in place, already sharded: no device ever
+  holds a whole parameter the rules split.
 
   The parameters are float32 master weights whatever `config.param_dtype` is
   (`optim.to_master`): the model initializes them in param_dtype, and they are cast to
   float32 before pretrained values are loaded (so those load without rounding), the
   optimizer state is initialized from them (float32 moments), and checkpoints of the
-  state store float32. Restoring a checkpoint into this state casts what it stored.
+  state store float32. Restoring a checkpoint into this state casts what it stored, and
+  reshards it onto this mesh.
 
   A PEFT task (`task.peft`, a bound `peft.Adapter`) always loads its base
   (`load_pretrained`) and keeps it in `task.peft.frozen`; the state's parameters are then
-  the adapter's trainable tree (initialized with fold_in(PRNGKey(seed), 1)).
+  the adapter's trainable tree (initialized with fold_in(PRNGKey(seed), 1)): its copies of
+  base parameters (`peft_modules_to_save`) sharded like them, the method's own small
+  parameters replicated.
   """
-  replicated = sharding.replicated(mesh)
+  rng = jax.random.PRNGKey(seed)
+  with models.axis_names():
+    boxed = jax.eval_shape(task.init_params, rng)
+  param_shardings = sharding.logical_shardings(boxed, mesh, task.rules)
   params = jax.jit(lambda rng: optim.to_master(task.init_params(rng)),
-                   out_shardings=replicated)(jax.random.PRNGKey(seed))
+                   out_shardings=param_shardings)(rng)
   adapter = task.peft
   if pretrained or adapter is not None:
-    params = jax.device_put(optim.to_master(task.load_pretrained(params)), replicated)
+    params = jax.device_put(optim.to_master(task.load_pretrained(params)), param_shardings)
   if adapter is not None:
     adapter.frozen = params
-    rng = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
-    params = jax.jit(adapter.init, out_shardings=replicated)(rng, params)
-  return TrainState(step=jax.device_put(jax.numpy.array(0, jax.numpy.int32), replicated),
+    rng = jax.random.fold_in(rng, 1)
+    by_name = traverse_util.flatten_dict(flax.core.unfreeze(param_shardings), sep='/')
+    abstract = jax.eval_shape(adapter.init, rng, params)
+    param_shardings = {
+        'peft': jax.tree.map(lambda _: sharding.replicated(mesh), abstract['peft']),
+        'base': traverse_util.unflatten_dict(
+            {name: by_name[name] for name in traverse_util.flatten_dict(
+                abstract['base'], sep='/')}, sep='/')}
+    params = jax.jit(adapter.init, out_shardings=param_shardings)(rng, params)
+  opt_shardings = sharding.like_params(jax.eval_shape(optimizer.init, params), params,
+                                       param_shardings, mesh)
+  replicated = sharding.replicated(mesh)
+  return TrainState(step=jax.device_put(jnp.array(0, jnp.int32), replicated),
                     params=params,
-                    opt_state=jax.jit(optimizer.init, out_shardings=replicated)(params))
+                    opt_state=jax.jit(optimizer.init, out_shardings=opt_shardings)(params))
+
+
+def shardings_of(tree: Any) -> Any:
+  """The NamedSharding of every array of `tree` (a state from `create_state`)."""
+  return jax.tree.map(lambda x: x.sharding, tree)
 
 
 class BestCheckpoint:
   """Keeps the checkpoint with the best `metric` (improving in direction `mode`, 'max' or
   'min') in {workdir}/best, with its value in best/score.json, and counts evaluations
-  without improvement for early stopping."""
+  without improvement for early stopping. Every process of a multi-process run saves the
+  checkpoint (collectively) and keeps the score; process 0 writes score.json."""
 
   def __init__(self, workdir: str, metric: str, mode: str = 'max'):
     self.manager = checkpoints.make_manager(workdir, keep=1, subdir='best')
@@ -172,10 +320,11 @@ class BestCheckpoint:
     checkpoints.save(self.manager, state)
     self.manager.wait_until_finished()
     self.step, self.value = int(state.step), value
-    tmp = self.path + '.tmp'
-    with open(tmp, 'w') as f:
-      json.dump({'step': self.step, 'metric': self.metric, self.metric: value}, f)
-    os.replace(tmp, self.path)
+    if multihost.is_primary():
+      tmp = self.path + '.tmp'
+      with open(tmp, 'w') as f:
+        json.dump({'step': self.step, 'metric': self.metric, self.metric: value}, f)
+      os.replace(tmp, self.path)
     return True
 
   def evaluations_since_best(self, step: int, every: int) -> int:
@@ -192,6 +341,12 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   folder) with the config fields changed since the first start. At the end, scores
   `config.test_split` with the best checkpoint. Returns the final train state.
 
+  Several processes (`config.coordinator_address`, ... or the launcher's environment:
+  `multihost.initialize`, which this calls first) each run this with the same config and
+  workdir (a folder they all see): every process computes every step on its rows of the
+  batch and writes its part of each checkpoint; only process 0 writes the other files,
+  logs and shows the progress bar (`multihost`).
+
   Raises:
     config_schema.ConfigError: a bad config field (before any work is done), or on
       resume fields changed that would change the model, optimizer or data order
@@ -199,6 +354,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     multi30k.DataError: bad input data, naming the file and line.
   """
   config_schema.validate(config)
+  multihost.initialize(config)
   os.makedirs(workdir, exist_ok=True)
   with _LogFile(workdir):
     return _train(config, workdir)
@@ -454,7 +610,10 @@ def _eval_line(task: tasks.Task, step: int, train: dict, result: dict, improved:
 
 
 def _log(bar: tqdm.tqdm, message: str) -> None:
-  bar.write(message)
+  """`message` above the progress bar and in train.log (process 0 only: the others' bars
+  are disabled, and they have no train.log)."""
+  if not bar.disable:
+    bar.write(message)
   logging.info(message)
 
 
@@ -485,8 +644,9 @@ def _train_line(step: int, train: dict) -> str:
 
 
 def _train(config, workdir: str) -> TrainState:
-  mesh = sharding.make_mesh()
-  logging.info('Devices: %s; malloc huge pages: %s', mesh.devices,
+  mesh = sharding.config_mesh(config)
+  logging.info('Mesh %s over %d devices in %d processes: %s; malloc huge pages: %s',
+               dict(mesh.shape), mesh.size, jax.process_count(), mesh.devices.flat[0],
                'on' if hugepages.active() else 'off')
   manager = checkpoints.make_manager(workdir, config.keep_checkpoints)
   resuming = manager.latest_step() is not None
@@ -511,12 +671,16 @@ def _train(config, workdir: str) -> TrainState:
     stats = lambda batch: peft.batch_stats(task.batch_stats(batch))
     message = f'PEFT: {adapter.describe(state.params)}'
     logging.info('%s', message)
-    print(message, file=sys.stderr)
+    if multihost.is_primary():
+      print(message, file=sys.stderr)
   peak = flops.peak_flops_per_device(mesh.devices.flat[0], config.dtype,
                                      config.peak_flops_per_device) * mesh.size
-  logging.info('Memory: parameters %s, optimizer state %s%s', _bytes(state.params),
-               _bytes(state.opt_state),
-               f', frozen base {_bytes(adapter.frozen)}' if adapter is not None else '')
+  frozen = adapter.frozen if adapter is not None else None
+  per_device = max(sharding.device_bytes((state, frozen)).values())
+  logging.info('Memory: parameters %s, optimizer state %s%s; the most on one device %.1f MiB',
+               _bytes(state.params), _bytes(state.opt_state),
+               f', frozen base {_bytes(frozen)}' if frozen is not None else '',
+               per_device / 2**20)
   logging.info('Peak for MFU: %.1f GFLOP/s (%d x %s)', peak / 1e9, mesh.size,
                mesh.devices.flat[0].device_kind)
   throughput = _Throughput(peak)
@@ -524,18 +688,21 @@ def _train(config, workdir: str) -> TrainState:
   start_step = int(state.step)
   best = BestCheckpoint(workdir, task.best_metric, task.best_mode)
 
-  replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-  p_train_step = jax.jit(
+  state_shardings = shardings_of(state)
+  p_train_step = sharding.jit(
       functools.partial(train_step, loss_fn=task.loss, optimizer=optimizer,
-                        schedule=optim.learning_rate_schedule(config), seed=config.seed),
-      in_shardings=(replicated, batch_sharding, replicated),
-      out_shardings=(replicated, replicated), donate_argnums=0)
-  frozen = adapter.frozen if adapter is not None else None
+                        schedule=optim.learning_rate_schedule(config), seed=config.seed,
+                        grad_accum_steps=config.grad_accum_steps),
+      mesh, task.rules,
+      in_shardings=(state_shardings, sharding.batch_sharding(mesh), shardings_of(frozen)),
+      out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
 
   train_iter = task.train_batches(config.seed, skip=start_step)
-  writer = tensorboard.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+  primary = multihost.is_primary()  # Process 0 logs, writes TensorBoard, shows the bar.
+  writer = (tensorboard.SummaryWriter(os.path.join(workdir, 'tensorboard')) if primary
+            else _NoWriter())
   bar = tqdm.tqdm(total=config.num_train_steps, initial=start_step, unit='step',
-                  dynamic_ncols=True, desc='train')
+                  dynamic_ncols=True, desc='train', disable=not primary)
   console = _ConsoleAboveBar()
   checkpoint_dir = str(manager.directory)
   if resuming:
@@ -635,7 +802,8 @@ def _train(config, workdir: str) -> TrainState:
     if best.step >= 0:
       params, name = checkpoints.restore_latest(best.manager, state).params, f'best-step{best.step}'
     _, report = task.test(view(params), config.test_split, name)
-    print(report)
+    if primary:
+      print(report)
     logging.info(report)
   best.manager.close()
   logging.info('Peak resident memory of the process: %.0f MiB',

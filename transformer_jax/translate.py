@@ -31,6 +31,7 @@ import numpy as np
 from transformer_jax import data
 from transformer_jax import decode
 from transformer_jax import models
+from transformer_jax import multihost
 from transformer_jax import sharding
 from transformer_jax import tokenizer
 from transformer_jax.tokenizer import EOS_ID
@@ -89,8 +90,10 @@ class Translator:
     mesh: devices; batch rows are split over its 'data' axis.
   """
 
-  def __init__(self, model: models.Transformer, params, sp, config, mesh):
+  def __init__(self, model: models.Transformer, params, sp, config, mesh,
+               rules: sharding.Rules = sharding.DEFAULT_RULES):
     self.model, self.params, self.sp, self.config, self.mesh = model, params, sp, config, mesh
+    self.rules = rules
     self.lengths = data.bucket_lengths(config.max_source_length, config.length_bucket_step)
     self._compiled = {}
     self._warned = set()  # Inputs already warned about over-long lines (once each).
@@ -98,7 +101,7 @@ class Translator:
   def _rows(self, length: int) -> int:
     """Batch rows for sources padded to `length`: decode_batch_tokens / (length * beams)."""
     beams = self.config.beam_size if self.config.decoding == 'beam' else 1
-    n = self.mesh.size
+    n = sharding.batch_shards(self.mesh)
     return max(n, self.config.decode_batch_tokens // (length * beams) // n * n)
 
   def _search_fn(self, source_length: int):
@@ -106,11 +109,9 @@ class Translator:
       cfg = self.config
       max_length = int(max_output_length(source_length, cfg.decode_max_length_ratio,
                                          cfg.decode_max_length_offset))
-      self._compiled[source_length] = jax.jit(
+      self._compiled[source_length] = sharding.jit(
           functools.partial(_search, model=self.model, config=cfg, max_length=max_length),
-          in_shardings=(sharding.replicated(self.mesh), sharding.batch_sharding(self.mesh),
-                        sharding.batch_sharding(self.mesh), sharding.batch_sharding(self.mesh)),
-          out_shardings=sharding.batch_sharding(self.mesh))
+          self.mesh, self.rules, out_shardings=sharding.batch_sharding(self.mesh))
     return self._compiled[source_length]
 
   def _bucket(self, length: int) -> int:
@@ -145,8 +146,9 @@ class Translator:
         row_ids[:len(chunk)] = streams[chunk]
         batch = sharding.put_batch({'inputs': inputs, 'caps': caps, 'row_ids': row_ids},
                                    self.mesh)
-        seqs = np.asarray(jax.device_get(search(self.params, batch['inputs'], batch['caps'],
-                                                batch['row_ids'])))
+        # Every process gets every row (the rows of other processes' devices too).
+        seqs = np.asarray(multihost.to_host(search(self.params, batch['inputs'],
+                                                   batch['caps'], batch['row_ids'])))
         for row, i in enumerate(chunk):
           out = seqs[row]
           end = np.flatnonzero(out == EOS_ID)

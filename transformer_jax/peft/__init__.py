@@ -36,6 +36,7 @@ import numpy as np
 
 from transformer_jax import config_schema
 from transformer_jax import init_from
+from transformer_jax import multihost
 from transformer_jax.peft import adapter as adapter_lib
 from transformer_jax.peft import core
 from transformer_jax.peft import ia3
@@ -56,9 +57,10 @@ class AdapterError(config_schema.ConfigError):
 
 def fingerprint(params: Any) -> str:
   """sha256 (first 16 hex digits) over the names, shapes, dtypes and float32 bytes of
-  every leaf of a parameter tree: equal for equal parameters, whatever their storage."""
+  every leaf of a parameter tree: equal for equal parameters, whatever their storage
+  (also split over processes: every process must then call this, `multihost.to_host`)."""
   digest = hashlib.sha256()
-  flat = traverse_util.flatten_dict(flax.core.unfreeze(jax.device_get(params)), sep='/')
+  flat = traverse_util.flatten_dict(flax.core.unfreeze(multihost.to_host(params)), sep='/')
   for name in sorted(flat):
     value = np.asarray(flat[name], np.float32)
     digest.update(f'{name}:{value.shape};'.encode())
@@ -209,8 +211,10 @@ class Adapter:
       return
     record = {'settings': self.settings,
               'base': config_schema.absolute_init_from(base_source),
-              'base_fingerprint': fingerprint(self.frozen),
+              'base_fingerprint': fingerprint(self.frozen),  # On every process.
               'tokenizer_hash': tokenizer_hash(workdir)}
+    if not multihost.is_primary():  # Process 0 writes the file.
+      return
     tmp = path + '.tmp'
     with open(tmp, 'w') as f:
       json.dump(record, f, indent=2)

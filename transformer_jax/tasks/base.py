@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from transformer_jax import init_from
+from transformer_jax import sharding
 
 
 class Task:
@@ -31,7 +32,9 @@ class Task:
   Args:
     config: the validated run config (ml_collections.ConfigDict).
     workdir: the run's folder (tokenizer, checkpoints, outputs).
-    mesh: the device mesh; batches are split along its 'data' axis.
+    mesh: the device mesh (`sharding.make_mesh`); batches are split along its 'data' and
+      'fsdp' axes (`sharding.batch_shards`), parameters as `config.logical_axis_rules`
+      say. Jit the task's functions with `sharding.jit(fn, self.mesh, self.rules)`.
   """
   FIELDS: dict = {}
   best_metric: str = ''
@@ -40,6 +43,10 @@ class Task:
 
   def __init__(self, config, workdir: str, mesh):
     self.config, self.workdir, self.mesh = config, workdir, mesh
+    self.rules = sharding.config_rules(config)
+    # Train batches split into data x fsdp shards, and into grad_accum_steps micro-batches
+    # each spread over all of them: their row counts are multiples of this.
+    self.batch_rows_multiple = sharding.batch_shards(mesh) * config.get('grad_accum_steps', 1)
     self.model = None
     self.peft = None  # A PEFT run's `peft.Adapter`, set before `setup`.
 
@@ -66,7 +73,9 @@ class Task:
     raise NotImplementedError
 
   def init_params(self, rng: jax.Array) -> Any:
-    """Freshly initialized (or imported) parameters of `self.model`: a pytree."""
+    """Freshly initialized parameters of `self.model`: a pytree. Inside
+    `models.axis_names()` its leaves may carry logical axis names (`nn.LogicallyPartitioned`
+    boxes), by which the trainer shards them; leaves without names are replicated."""
     raise NotImplementedError
 
   def load_pretrained(self, params: Any) -> Any:
@@ -94,7 +103,7 @@ class Task:
 
   # --- Training ----------------------------------------------------------------------
   def train_batches(self, seed: int, skip: int) -> Iterator[dict[str, np.ndarray]]:
-    """Endless host batches {name: array [B, ...]}, B divisible by the mesh size,
+    """Endless host batches {name: array [B, ...]}, B divisible by `sharding.batch_shards`,
     deterministic for `seed`, starting after the first `skip` batches (exact resume)."""
     raise NotImplementedError
 

@@ -61,11 +61,11 @@ class DenoisingTask(pretraining.PretrainingTask):
 
   def _setup_model(self):
     self._loss_fn = losses.get_loss(self.config)
-    replicated = sharding.replicated(self.mesh)
-    self._eval_step = jax.jit(functools.partial(translation.eval_step, model=self.model),
-                              in_shardings=(replicated, sharding.batch_sharding(self.mesh)),
-                              out_shardings=replicated)
-    self.translator = translate.Translator(self.model, None, self.sp, self.config, self.mesh)
+    self._eval_step = sharding.jit(
+        functools.partial(translation.eval_step, model=self.model), self.mesh, self.rules,
+        out_shardings=sharding.replicated(self.mesh))
+    self.translator = translate.Translator(self.model, None, self.sp, self.config, self.mesh,
+                                           self.rules)
 
   def init_params(self, rng):
     dummy = jax.numpy.ones((1, 8), jax.numpy.int32)

@@ -36,6 +36,7 @@ from transformer_jax import init_from
 from transformer_jax import losses
 from transformer_jax import models
 from transformer_jax import multi30k
+from transformer_jax import multihost
 from transformer_jax import readers
 from transformer_jax import sharding
 from transformer_jax import tokenizer
@@ -129,9 +130,10 @@ class EncoderTask(base.Task):
       self.tokenizer = self._load_tokenizer()
     self.model = self.wrap_model(self._make_model(architecture))
     self.batcher = data.Batcher(cfg.max_length, cfg.max_tokens_per_batch,
-                                cfg.length_bucket_step, self.mesh.size)
-    self._predict_fn = jax.jit(
-        lambda params, inputs: self.model.apply({'params': params}, inputs))
+                                cfg.length_bucket_step, self.batch_rows_multiple)
+    self._predict_fn = sharding.jit(
+        lambda params, inputs: self.model.apply({'params': params}, inputs), self.mesh,
+        self.rules)
     if training:
       self.train_features = self._features(self.train_examples, cfg.train_split)
       logging.info('Buckets (length: rows): %s',
@@ -181,7 +183,9 @@ class EncoderTask(base.Task):
       self._check_positions(architecture)
       folder = os.path.join(self.workdir, 'tokenizer')
       wordpiece = hf_import.WordPieceTokenizer(self.hf_folder)
-      wordpiece.save(folder)
+      if multihost.is_primary():  # Process 0 writes the workdir's files.
+        wordpiece.save(folder)
+      multihost.barrier('tokenizer')  # The others may read them (adapter_config.json).
       return wordpiece, architecture
     sp = tokenizer.load_or_train(cfg, self.workdir, self._texts(self.train_examples))
     return (tokenizer.SentencePieceTokenizer(sp),
@@ -227,8 +231,9 @@ class EncoderTask(base.Task):
       yield self.batcher.pad_rows(batch)
 
   def _logits(self, params, batch: dict) -> np.ndarray:
+    """float64 [B, ...] logits of a host batch, every row on every process."""
     inputs = sharding.put_batch({'inputs': batch['inputs']}, self.mesh)['inputs']
-    return np.asarray(jax.device_get(self._predict_fn(params, inputs)), np.float64)
+    return np.asarray(multihost.to_host(self._predict_fn(params, inputs)), np.float64)
 
   def batch_stats(self, batch):
     rows, length = batch['inputs'].shape

@@ -27,6 +27,7 @@ from transformer_jax import config_schema
 from transformer_jax import flops
 from transformer_jax import losses
 from transformer_jax import models
+from transformer_jax import multihost
 from transformer_jax import noising
 from transformer_jax import sharding
 from transformer_jax import tokenizer
@@ -95,7 +96,6 @@ class MaskedLMTask(pretraining.PretrainingTask):
     self.word_start = np.asarray([self.sp.id_to_piece(i).startswith('▁')
                                   for i in range(vocab)])
     self._loss_fn = losses.get_loss(cfg)
-    replicated = sharding.replicated(self.mesh)
 
     def eval_step(params, batch):
       _, metrics = mlm_loss(params, batch, None, model=self.model,
@@ -105,11 +105,11 @@ class MaskedLMTask(pretraining.PretrainingTask):
       return {'nll': metrics['nll'] * n, 'correct': metrics['accuracy'] * n,
               'num_tokens': n}
 
-    self._eval_step = jax.jit(eval_step, in_shardings=(replicated,
-                                                       sharding.batch_sharding(self.mesh)),
-                              out_shardings=replicated)
-    self._predict_fn = jax.jit(lambda params, inputs: self.model.apply({'params': params},
-                                                                       inputs))
+    self._eval_step = sharding.jit(eval_step, self.mesh, self.rules,
+                                   out_shardings=sharding.replicated(self.mesh))
+    self._predict_fn = sharding.jit(
+        lambda params, inputs: self.model.apply({'params': params}, inputs), self.mesh,
+        self.rules)
 
   def init_params(self, rng):
     return self.model.init(rng, jnp.ones((1, 8), jnp.int32))['params']
@@ -149,10 +149,10 @@ class MaskedLMTask(pretraining.PretrainingTask):
                         '%d are read and filled in', i + 1, len(pieces), limit, limit - 2)
         pieces = pieces[:limit - 2]
       ids = np.asarray([BOS_ID] + pieces + [EOS_ID], np.int32)
-      padded = np.zeros((self.mesh.size, limit), np.int32)
+      padded = np.zeros((sharding.batch_shards(self.mesh), limit), np.int32)
       padded[0, :len(ids)] = ids
-      logits = np.array(self._predict_fn(params, sharding.put_batch(
-          {'inputs': padded}, self.mesh)['inputs']))[0, :len(ids)]
+      logits = np.array(multihost.to_host(self._predict_fn(params, sharding.put_batch(
+          {'inputs': padded}, self.mesh)['inputs'])))[0, :len(ids)]
       logits[:, :self.first_text_id] = -np.inf  # Never a special or reserved piece.
       filled = np.where(ids == self.mask_id, logits.argmax(-1), ids)
       outputs[i] = tokenizer.decode_with_symbols(self.sp, filled[1:-1])

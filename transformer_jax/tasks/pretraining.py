@@ -79,7 +79,7 @@ class PretrainingTask(base.Task):
       config_schema.save_model_config(cfg, self.sp.vocab_size(), workdir, extra={
           'task': cfg.task, 'architecture': encoder.architecture_to_json(self.model.config)})
     self.batcher = data.Batcher(self._max_length(), cfg.max_tokens_per_batch,
-                                cfg.length_bucket_step, self.mesh.size)
+                                cfg.length_bucket_step, self.batch_rows_multiple)
     self._eval_ds = None
     self._setup_model()
     if training:

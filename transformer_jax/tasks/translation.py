@@ -26,6 +26,7 @@ from transformer_jax import flops
 from transformer_jax import init_from
 from transformer_jax import losses
 from transformer_jax import models
+from transformer_jax import multihost
 from transformer_jax import scoring
 from transformer_jax import sharding
 from transformer_jax import tokenizer
@@ -75,13 +76,15 @@ def score_split(translator: translate.Translator, sources: list[str], references
   source line) and returns `scoring.score` against `references` (both normalized alike).
 
   `source_name` names the sources in the translator's warnings (unknown pieces, unless
-  not `check_unknown`, and over-long lines, once per name)."""
+  not `check_unknown`, and over-long lines, once per name). Every process of a
+  multi-process run translates and scores; process 0 writes the file."""
   hypotheses = translator.translate(sources, source_name, check_unknown)
   folder = os.path.join(workdir, 'translations')
-  os.makedirs(folder, exist_ok=True)
   path = os.path.join(folder, f'{name}.txt')
-  with open(path, 'w', encoding='utf-8', newline='\n') as f:
-    f.writelines(h + '\n' for h in hypotheses)
+  if multihost.is_primary():
+    os.makedirs(folder, exist_ok=True)
+    with open(path, 'w', encoding='utf-8', newline='\n') as f:
+      f.writelines(h + '\n' for h in hypotheses)
   result = scoring.score(hypotheses, references)
   logging.info('%s: BLEU %.2f (%s), chrF %.2f, lowercased BLEU %.2f; hypotheses in %s', name,
                result['bleu'], result['bleu_signature'], result['chrf'],
@@ -90,7 +93,7 @@ def score_split(translator: translate.Translator, sources: list[str], references
 
 
 def create_model_and_state(config, vocab_size: int, mesh):
-  """The model, optimizer and fresh train state (replicated over `mesh`, seed
+  """The model, optimizer and fresh train state (laid out on `mesh` by the config's rules, seed
   `config.seed`) that a translation run of `config` with `vocab_size` tokens starts from,
   without data or tokenizer (benchmarks, tests)."""
   from transformer_jax import optim, train  # pylint: disable=g-import-not-at-top (cycle)
@@ -139,8 +142,10 @@ class TranslationTask(base.Task):
         cfg, self.sp.vocab_size())))
     self.batcher = data.Batcher(max(cfg.max_source_length, cfg.max_target_length),
                                 cfg.max_tokens_per_batch, cfg.length_bucket_step,
-                                self.mesh.size, pack=cfg.pack_examples)
-    self.translator = translate.Translator(self.model, None, self.sp, cfg, self.mesh)
+                                self.batch_rows_multiple,
+                                pack=cfg.pack_examples)
+    self.translator = translate.Translator(self.model, None, self.sp, cfg, self.mesh,
+                                           self.rules)
     if training:
       config_schema.save_model_config(cfg, self.sp.vocab_size(), workdir)
       if cfg.pack_examples:
@@ -150,10 +155,9 @@ class TranslationTask(base.Task):
                    dict(zip(self.batcher.lengths, self.batcher.batch_sizes)))
       self.eval_ds = self.batcher.eval({'inputs': eval_src, 'targets': eval_tgt})
       self._loss_fn = losses.get_loss(cfg)
-      replicated = sharding.replicated(self.mesh)
-      self._eval_step = jax.jit(functools.partial(eval_step, model=self.model),
-                                in_shardings=(replicated, sharding.batch_sharding(self.mesh)),
-                                out_shardings=replicated)
+      self._eval_step = sharding.jit(functools.partial(eval_step, model=self.model),
+                                     self.mesh, self.rules,
+                                     out_shardings=sharding.replicated(self.mesh))
 
   def init_params(self, rng: jax.Array):
     dummy = jnp.ones((1, 8), jnp.int32)
