@@ -2,10 +2,19 @@
 # Throughput benchmark on a GPU machine whose packages are installed (no network needed):
 # shapes small and base, float32 and bfloat16, transformer_jax against PyTorch eager and
 # torch.compile; prints the tables (MFU included). A (shape, dtype) that would not fit in
-# 240 s is skipped and named (--time-budget); exits nonzero on any failure, and after
-# ${LIMIT_S:-295} seconds (timeout). Extra arguments go to benchmarks/throughput.py.
+# ${TIME_BUDGET_S:-240} s is skipped and named (--time-budget); exits nonzero on any failure,
+# and after ${LIMIT_S:-295} seconds (timeout). Extra arguments go to benchmarks/throughput.py
+# (they come last, so e.g. --json FILE or --mesh-shape replaces the one given here).
 #
-#   bash benchmarks/gpu.sh                 # PYTHON=... to choose the interpreter
+# transformer_jax runs under the FSDP rules: --mesh-shape ${MESH_SHAPE:-1,-1,1}, i.e. the
+# (data, fsdp, tensor) mesh config.mesh_shape with every visible GPU on 'fsdp', so parameters
+# and optimizer state are sharded along 'embed' (config.logical_axis_rules). With the default
+# CUDA_VISIBLE_DEVICES=0 that is a 1-device mesh (the same program as data parallelism on one
+# GPU); MESH_SHAPE=-1,1,1 gives plain data parallelism.
+#
+#   bash benchmarks/gpu.sh                 # PYTHON=... to choose the interpreter (default:
+#                                          # .venv/bin/python if there, else python3)
+#   LIMIT_S=420 TIME_BUDGET_S=340 bash benchmarks/gpu.sh --json /tmp/throughput_gpu.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ -z "${PYTHON:-}" ]]; then
@@ -35,4 +44,5 @@ mkdir -p runs
 # tutorial does it, is measured); drop --no-compile-decode to add it.
 timeout "${LIMIT_S:-295}" "$PYTHON" benchmarks/throughput.py \
   --shapes small,base --dtypes float32,bfloat16 --steps 40 --round-steps 10 --warmup 5 \
-  --decode-reps 3 --no-compile-decode --time-budget 240 --json runs/throughput_gpu.json "$@"
+  --decode-reps 3 --no-compile-decode --time-budget "${TIME_BUDGET_S:-240}" \
+  --mesh-shape "${MESH_SHAPE:-1,-1,1}" --json runs/throughput_gpu.json "$@"

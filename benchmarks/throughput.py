@@ -1,7 +1,7 @@
 """Training and decoding throughput: transformer_jax against the PyTorch reference model.
 
   python benchmarks/throughput.py [--quick] [--shapes small,base] [--dtypes float32,bfloat16]
-                                  [--steps N] [--json FILE]
+                                  [--steps N] [--mesh-shape D,F,T] [--json FILE]
 
 For each model shape and dtype, each implementation in a Python process of its own (so that
 neither framework's allocator or thread pools slow the other), on the default JAX device and
@@ -10,7 +10,10 @@ on CUDA for torch when it is available (else the CPU):
 - transformer_jax: `train.create_state` and `train.train_step` (with the translation task's
   `init_params` and `seq2seq_loss`) jitted as `train._train` does,
   from `configs/mt.py` with the shape, dtype ('bfloat16' = bfloat16 compute, float32
-  parameters), a constant learning rate of 1e-3 and no warmup;
+  parameters), a constant learning rate of 1e-3 and no warmup, on the (data, fsdp, tensor)
+  mesh `--mesh-shape` gives (config.mesh_shape; default -1,1,1: data parallel over every JAX
+  device) under the config's `logical_axis_rules` ('embed' -> 'fsdp': with 1,-1,1 the
+  parameters and optimizer state are sharded FSDP-style over all devices);
 - PyTorch eager and PyTorch `torch.compile`: `benchmarks/torch_reference.py` (the same
   architecture, loss, optimizer and clipping), started from the same initial weights.
 
@@ -206,10 +209,14 @@ class _Timed:
     return peak_rss_bytes() if not self.on_gpu else -1
 
 
-def jax_config(shape: Shape, dtype: str):
+DEFAULT_MESH_SHAPE = (-1, 1, 1)  # (data, fsdp, tensor): data parallel, as configs/ default.
+
+
+def jax_config(shape: Shape, dtype: str, mesh_shape: tuple = DEFAULT_MESH_SHAPE):
   """configs/mt.py with the shape, `dtype` compute over float32 parameters, a constant
-  learning rate of 1e-3."""
+  learning rate of 1e-3, on the (data, fsdp, tensor) mesh `mesh_shape`."""
   config = mt.get_config()
+  config.mesh_shape = tuple(mesh_shape)
   config.d_model, config.num_heads, config.d_ff = shape.d_model, shape.num_heads, shape.d_ff
   config.num_encoder_layers = config.num_decoder_layers = shape.num_layers
   config.dtype, config.param_dtype = dtype, 'float32'
@@ -221,22 +228,24 @@ class JaxTrainer(_Timed):
   """transformer_jax's train step as `train._train` jits it, on pre-placed batches."""
   name = JAX
 
-  def __init__(self, shape: Shape, dtype: str, seed: int):
-    config = jax_config(shape, dtype)
+  def __init__(self, shape: Shape, dtype: str, seed: int,
+               mesh_shape: tuple = DEFAULT_MESH_SHAPE):
+    config = jax_config(shape, dtype, mesh_shape)
     self.on_gpu = jax_on_gpu()
-    self.mesh = sharding.make_mesh()
+    self.mesh = sharding.config_mesh(config)
     self.model, optimizer, self.state = translation.create_model_and_state(
         config, shape.vocab_size, self.mesh)
     # A host copy of the initial weights: the state's buffers are donated to the steps.
     self.initial_params = jax.device_get(self.state.params)
-    replicated = sharding.replicated(self.mesh)
-    self.step_fn = jax.jit(
+    state_shardings = train.shardings_of(self.state)
+    self.step_fn = sharding.jit(
         functools.partial(train.train_step, optimizer=optimizer,
                           loss_fn=functools.partial(translation.seq2seq_loss, model=self.model,
                                                     loss_fn=losses.get_loss(config)),
                           schedule=optim.learning_rate_schedule(config), seed=config.seed),
-        in_shardings=(replicated, sharding.batch_sharding(self.mesh)),
-        out_shardings=(replicated, replicated), donate_argnums=0)
+        self.mesh, sharding.config_rules(config),
+        in_shardings=(state_shardings, sharding.batch_sharding(self.mesh)),
+        out_shardings=(state_shardings, sharding.replicated(self.mesh)), donate_argnums=0)
     self.batches = [sharding.put_batch(b, self.mesh)
                     for b in make_batches(shape, NUM_BATCHES, seed)]
     self.i = 0
@@ -479,7 +488,8 @@ def run(args, torch_device) -> list[dict]:
       combo_start = time.perf_counter()
       print(f'== {shape_name} {dtype}', flush=True)
       batches = make_batches(shape, NUM_BATCHES, args.seed)
-      workers = [Worker(JaxTrainer, shape, dtype, args.seed, environ=jax_environ())]
+      workers = [Worker(JaxTrainer, shape, dtype, args.seed, args.mesh_shape,
+                        environ=jax_environ())]
       try:
         check = {}
         if torch_device is not None:
@@ -511,7 +521,7 @@ def run(args, torch_device) -> list[dict]:
                'batch': f'{shape.batch_size}x{shape.length}',
                'first_call_s': r['first_call_s'], 'step_s': r['step_s'],
                'tokens_per_s': r['tokens_per_s'], 'sequences_per_s': r['sequences_per_s'],
-               # transformer_jax steps on all JAX devices (data parallel), torch on one.
+               # transformer_jax steps on all JAX devices (the mesh), torch on one.
                'mfu': train_flops / r['step_s'] / peak_flops(dtype)
                       / (len(jax.devices()) if impl == JAX else 1),
                'peak_bytes': r['peak_bytes'], 'losses': r['losses'], 'check': check}
@@ -556,7 +566,7 @@ def report(rows: list[dict], args) -> str:
   memory = ('torch: max_memory_allocated during the steps; JAX: XLA buffer plan of the step'
             if gpu else 'peak RSS of the implementation\'s own process during its steps')
   lines = ['', 'Training (medians over the timed steps; tok/s = real target tokens/s; '
-           'x = transformer_jax / PyTorch)']
+           'x = transformer_jax / PyTorch)', f'transformer_jax {mesh_description(args)}']
   lines.append(format_table(
       ['shape', 'dtype', 'impl', 'batch', 'first call s', 'step ms', 'tok/s', 'seq/s',
        'MFU %', 'peak MiB', 'x eager', 'x compile'],
@@ -588,6 +598,18 @@ def report(rows: list[dict], args) -> str:
     tail = float(np.mean(r['losses'][-3:]))
     lines.append(f"  {r['shape']} {r['dtype']} {r['impl']}: {r['losses'][0]:.4f} -> {tail:.4f}")
   return '\n'.join(lines)
+
+
+def mesh_description(args) -> str:
+  """The transformer_jax mesh, e.g. "mesh (data, fsdp, tensor) = (1, 1, 1) over 1 device
+  (--mesh-shape 1,-1,1); rules embed->fsdp, ..."."""
+  resolved = sharding.mesh_shape(args.mesh_shape, len(jax.devices()))
+  rules = ', '.join(f"{name}->{'+'.join(axes) if isinstance(axes, tuple) else axes}"
+                    for name, axes in sharding.config_rules(mt.get_config()))
+  n = math.prod(resolved)
+  return (f"mesh ({', '.join(sharding.MESH_AXES)}) = {resolved} over {n} "
+          f"device{'s' if n != 1 else ''} (--mesh-shape {','.join(map(str, args.mesh_shape))}); "
+          f'logical axis rules {rules}')
 
 
 def environment(torch_device) -> str:
@@ -639,6 +661,10 @@ def parse_args(argv=None):
                       "JAX's default precision")
   parser.add_argument('--time-budget', type=float, default=0,
                       help='seconds: skip the (shape, dtype) runs that would not fit; 0: none')
+  parser.add_argument('--mesh-shape', default=','.join(map(str, DEFAULT_MESH_SHAPE)),
+                      help="transformer_jax's (data, fsdp, tensor) mesh, config.mesh_shape, one "
+                      "-1 for the rest: '-1,1,1' (default) data parallel, '1,-1,1' FSDP "
+                      "('embed' -> 'fsdp' in config.logical_axis_rules) over all devices")
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--json', default='', help='also write the results to this file')
   args = parser.parse_args(argv)
@@ -655,6 +681,14 @@ def parse_args(argv=None):
   for name, value in defaults.items():
     if getattr(args, name) is None:
       setattr(args, name, value)
+  try:
+    args.mesh_shape = tuple(int(n) for n in args.mesh_shape.split(','))
+  except ValueError:
+    args.mesh_shape = ()
+  if (len(args.mesh_shape) != 3 or any(n < 1 and n != -1 for n in args.mesh_shape)
+      or args.mesh_shape.count(-1) > 1):
+    parser.error('--mesh-shape: 3 comma-separated sizes (data, fsdp, tensor), each >= 1 or '
+                 'one of them -1 (the rest), e.g. 1,-1,1')
   args.shapes = args.shapes.split(',')
   args.dtypes = args.dtypes.split(',')
   for name in args.shapes:
@@ -679,11 +713,16 @@ def main(argv=None) -> int:
     torch.set_float32_matmul_precision(args.torch_matmul_precision)
     torch.manual_seed(args.seed)
   print(environment(torch_device), flush=True)
+  try:
+    print(f'transformer_jax {mesh_description(args)}', flush=True)
+  except sharding.ConfigError as e:
+    print(f'benchmarks/throughput.py: --mesh-shape: {e}', file=sys.stderr)
+    return 2
   if torch_device is not None and jax_on_gpu() != (torch_device.type == 'cuda'):
     print(f'WARNING: JAX runs on {jax.default_backend()} but torch on {torch_device}: '
           'the ratios compare different hardware', flush=True)
   if len(jax.devices()) > 1:
-    print(f'NOTE: transformer_jax trains data-parallel on {len(jax.devices())} devices, PyTorch '
+    print(f'NOTE: transformer_jax trains on {len(jax.devices())} devices, PyTorch '
           'on one; for a per-device comparison run with CUDA_VISIBLE_DEVICES=0', flush=True)
   start = time.perf_counter()
   rows = run(args, torch_device)
@@ -699,8 +738,8 @@ def main(argv=None) -> int:
           'pip install -r requirements-bench.txt')
   if args.json:
     with open(args.json, 'w') as f:
-      json.dump({'environment': environment(torch_device), 'args': vars(args), 'rows': rows}, f,
-                indent=1)
+      json.dump({'environment': environment(torch_device), 'mesh': mesh_description(args),
+                 'args': vars(args), 'rows': rows}, f, indent=1)
   bad = [r for r in rows if not all(math.isfinite(x) for x in r['losses'])]
   for r in bad:
     print(f"ERROR: non-finite loss in {r['shape']} {r['dtype']} {r['impl']}", file=sys.stderr)
