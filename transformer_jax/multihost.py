@@ -50,6 +50,15 @@ def _cloud_tpu_cluster() -> bool:
     return False
 
 
+def _jax_started() -> bool:
+  """JAX's backends are initialized: `jax.distributed.initialize` would fail."""
+  try:
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+    return xla_bridge.backends_are_initialized()
+  except (ImportError, AttributeError):  # A jax without it: assume not started.
+    return False
+
+
 def launcher() -> str:
   """What in the environment asks for a multi-process run whose settings
   `jax.distributed.initialize()` reads itself, or '' (a plain machine: one process).
@@ -78,15 +87,16 @@ def initialize(config) -> bool:
 
   Config values left at their defaults ('', 0, -1) are taken from the environment by
   `jax.distributed.initialize`. The combinations `config_schema.check_processes` refuses
-  are refused here too.
+  are refused here too. When only the environment asks and JAX has already computed in this
+  process (too late to start jax.distributed), nothing is done.
 
   Returns:
     Whether jax.distributed is running (the run may still have one process).
 
   Raises:
     config_schema.ConfigError: one line naming the config field at fault: a bad
-      combination, no coordinator for the processes asked for, or JAX already started
-      (a computation ran before this call).
+      combination, no coordinator for the processes asked for, or the config asks for
+      processes but JAX already computed in this process.
   """
   from transformer_jax import config_schema  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
@@ -96,8 +106,13 @@ def initialize(config) -> bool:
   address = config.get('coordinator_address', '')
   num_processes = config.get('num_processes', 0)
   process_id = config.get('process_id', -1)
+  asked = bool(address or num_processes or process_id >= 0)
+  if not asked and _jax_started():
+    # Only the environment asks, and JAX already computed in this process (a notebook on
+    # a TPU VM, a test): too late to start jax.distributed; leave JAX as it is.
+    return False
   source = launcher()
-  if not (address or num_processes or process_id >= 0 or source):
+  if not (asked or source):
     return False
   if address:
     field = f'config.coordinator_address={address!r}'
