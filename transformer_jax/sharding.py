@@ -65,8 +65,9 @@ def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, int, int]:
 
 def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
   """A mesh with axes ('data', 'fsdp', 'tensor') of `shape` (one -1: the rest) over
-  `devices` (default: every device of every process, in `jax.devices()` order, so a
-  process's devices are consecutive along 'data').
+  `devices` (default: every device of every process, in `jax.devices()` order), reshaped
+  in C order: the last axis varies fastest, so it spans consecutive devices (those of one
+  process, as far as it is not larger than a process's devices).
 
   Raises:
     ConfigError: the shape does not fit the number of devices (`mesh_shape`).

@@ -645,9 +645,9 @@ def _train_line(step: int, train: dict) -> str:
 
 def _train(config, workdir: str) -> TrainState:
   mesh = sharding.config_mesh(config)
-  logging.info('Mesh %s over %d devices in %d processes: %s; malloc huge pages: %s',
-               dict(mesh.shape), mesh.size, jax.process_count(), mesh.devices.flat[0],
-               'on' if hugepages.active() else 'off')
+  logging.info('Mesh %s: %d %s devices in %d process%s; malloc huge pages: %s',
+               dict(mesh.shape), mesh.size, mesh.devices.flat[0].platform, jax.process_count(),
+               'es' if jax.process_count() > 1 else '', 'on' if hugepages.active() else 'off')
   manager = checkpoints.make_manager(workdir, config.keep_checkpoints)
   resuming = manager.latest_step() is not None
   config_changes = _check_run_config(config, workdir, resuming)
@@ -657,6 +657,7 @@ def _train(config, workdir: str) -> TrainState:
   if adapter is not None:
     adapter.bind(task)
 
+  _check_grad_accum(config, task, mesh)
   optimizer = optim.make_optimizer(config)
   state = create_state(task, optimizer, config.seed, mesh,
                        pretrained=manager.latest_step() is None)
@@ -677,10 +678,10 @@ def _train(config, workdir: str) -> TrainState:
                                      config.peak_flops_per_device) * mesh.size
   frozen = adapter.frozen if adapter is not None else None
   per_device = max(sharding.device_bytes((state, frozen)).values())
-  logging.info('Memory: parameters %s, optimizer state %s%s; the most on one device %.1f MiB',
-               _bytes(state.params), _bytes(state.opt_state),
+  logging.info('Memory: parameters %s, optimizer state %s%s; of this train state the most '
+               'loaded device holds %s', _bytes(state.params), _bytes(state.opt_state),
                f', frozen base {_bytes(frozen)}' if frozen is not None else '',
-               per_device / 2**20)
+               _mib(per_device))
   logging.info('Peak for MFU: %.1f GFLOP/s (%d x %s)', peak / 1e9, mesh.size,
                mesh.devices.flat[0].device_kind)
   throughput = _Throughput(peak)
@@ -811,6 +812,36 @@ def _train(config, workdir: str) -> TrainState:
   return state
 
 
+def _check_grad_accum(config, task: tasks.Task, mesh) -> None:
+  """Logs the micro-batches of an update; the train batches' rows must split into
+  `grad_accum_steps` micro-batches, each spread evenly over the data x fsdp shards.
+
+  Raises:
+    config_schema.ConfigError: naming grad_accum_steps and the batch sizes that do not split.
+  """
+  k = config.grad_accum_steps
+  batcher = getattr(task, 'batcher', None)  # data.Batcher of the built-in tasks.
+  if k == 1:
+    return
+  unit = k * sharding.batch_shards(mesh)
+  if batcher is not None:
+    sizes = [batcher.packed_rows] if batcher.pack else list(batcher.batch_sizes)
+    bad = sorted({size for size in sizes if size % unit})
+    if bad:
+      raise config_schema.ConfigError(
+          f'config.grad_accum_steps={k}: train batches of {bad} rows do not split into {k} '
+          f'micro-batches of a multiple of {sharding.batch_shards(mesh)} rows (the data x fsdp '
+          f'shards); choose max_tokens_per_batch so that every batch has a multiple of {unit} '
+          'rows, or another grad_accum_steps')
+  logging.info('Gradient accumulation: %d micro-batches per update (rows i, i+%d, ... of each '
+               'batch), one gradient buffer', k, k)
+
+
+def _mib(size: int) -> str:
+  """'12,345,678 bytes (11.8 MiB)'."""
+  return f'{size:,} bytes ({size / 2**20:.1f} MiB)'
+
+
 def _bytes(tree) -> str:
-  """'12,345,678 bytes' of the arrays of `tree`."""
-  return f'{sum(x.nbytes for x in jax.tree.leaves(tree) if hasattr(x, "nbytes")):,} bytes'
+  """`_mib` of the arrays of `tree`."""
+  return _mib(sum(x.nbytes for x in jax.tree.leaves(tree) if hasattr(x, "nbytes")))
