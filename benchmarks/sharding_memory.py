@@ -24,7 +24,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from configs import mt  # pylint: disable=g-import-not-at-top,wrong-import-position
-from transformer_jax import losses, optim, sharding, train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from transformer_jax import losses, sharding, train  # pylint: disable=g-import-not-at-top,wrong-import-position
 from transformer_jax.tasks import translation  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 MESHES = ((1, 1, 1), (8, 1, 1), (4, 2, 1), (2, 4, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2),
@@ -57,16 +57,10 @@ def main():
     devices = jax.devices()[:int(np.prod(shape))]
     mesh = sharding.make_mesh(shape, devices)
     model, optimizer, state = translation.create_model_and_state(config, args.vocab, mesh)
-    rules = sharding.config_rules(config)
     loss_fn = functools.partial(translation.seq2seq_loss, model=model,
                                 loss_fn=losses.get_loss(config))
-    shardings = train.shardings_of(state)
-    step = sharding.jit(
-        functools.partial(train.train_step, loss_fn=loss_fn, optimizer=optimizer,
-                          schedule=optim.learning_rate_schedule(config), seed=0),
-        mesh, rules, in_shardings=(shardings, sharding.batch_sharding(mesh)),
-        out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
-    stats = step.lower(state, sharding.put_batch(batch, mesh)).compile().memory_analysis()
+    step = train.jit_train_step(config, loss_fn, optimizer, mesh, state)
+    stats = step.lower(state, sharding.put_batch(batch, mesh), None).compile().memory_analysis()
     held = max(sharding.device_bytes((state.params, state.opt_state)).values())
     total = total or held
     values = (held, stats.argument_size_in_bytes, stats.temp_size_in_bytes,

@@ -78,7 +78,6 @@ from transformer_jax import decode
 from transformer_jax import flops
 from transformer_jax import losses
 from transformer_jax import models
-from transformer_jax import optim
 from transformer_jax import sharding
 from transformer_jax import train
 from transformer_jax import translate
@@ -237,15 +236,10 @@ class JaxTrainer(_Timed):
         config, shape.vocab_size, self.mesh)
     # A host copy of the initial weights: the state's buffers are donated to the steps.
     self.initial_params = jax.device_get(self.state.params)
-    state_shardings = train.shardings_of(self.state)
-    self.step_fn = sharding.jit(
-        functools.partial(train.train_step, optimizer=optimizer,
-                          loss_fn=functools.partial(translation.seq2seq_loss, model=self.model,
-                                                    loss_fn=losses.get_loss(config)),
-                          schedule=optim.learning_rate_schedule(config), seed=config.seed),
-        self.mesh, sharding.config_rules(config),
-        in_shardings=(state_shardings, sharding.batch_sharding(self.mesh)),
-        out_shardings=(state_shardings, sharding.replicated(self.mesh)), donate_argnums=0)
+    self.step_fn = train.jit_train_step(
+        config, functools.partial(translation.seq2seq_loss, model=self.model,
+                                  loss_fn=losses.get_loss(config)),
+        optimizer, self.mesh, self.state)
     self.batches = [sharding.put_batch(b, self.mesh)
                     for b in make_batches(shape, NUM_BATCHES, seed)]
     self.i = 0
@@ -258,7 +252,7 @@ class JaxTrainer(_Timed):
     """The compiled train step's XLA buffer plan: arguments + outputs + temporaries -
     donated aliases (bytes; -1 if the backend does not say)."""
     try:
-      stats = self.step_fn.lower(self.state, self.batches[0]).compile().memory_analysis()
+      stats = self.step_fn.lower(self.state, self.batches[0], None).compile().memory_analysis()
       return int(stats.argument_size_in_bytes + stats.output_size_in_bytes
                  + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
     except Exception:  # pylint: disable=broad-except
@@ -266,7 +260,8 @@ class JaxTrainer(_Timed):
 
   def step(self) -> float:
     """One synchronized step; returns the loss."""
-    self.state, metrics = self.step_fn(self.state, self.batches[self.i % len(self.batches)])
+    self.state, metrics = self.step_fn(self.state, self.batches[self.i % len(self.batches)],
+                                       None)
     self.i += 1
     return float(metrics['loss'])
 

@@ -28,7 +28,7 @@ LIBRARY_SCRIPT = textwrap.dedent('''
   sys.path.insert(0, {repo!r})
   import jax, numpy as np
   from configs import mt
-  from transformer_jax import checkpoints, losses, optim, sharding, train
+  from transformer_jax import checkpoints, losses, sharding, train
   from transformer_jax.tasks import translation
   assert jax.device_count() == 8, jax.devices()
   out = {{}}
@@ -40,15 +40,11 @@ LIBRARY_SCRIPT = textwrap.dedent('''
                    **overrides}})
     vocab = 64 if config.d_model == 64 else 512
     model, optimizer, state = translation.create_model_and_state(config, vocab, mesh)
-    task = translation.TranslationTask(config, '', mesh)
     loss_fn = functools.partial(translation.seq2seq_loss, model=model,
                                 loss_fn=losses.get_loss(config))
-    shardings = train.shardings_of(state)
-    step = sharding.jit(
-        functools.partial(train.train_step, loss_fn=loss_fn, optimizer=optimizer,
-                          schedule=optim.learning_rate_schedule(config), seed=0),
-        mesh, task.rules, in_shardings=(shardings, sharding.batch_sharding(mesh)),
-        out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+    jitted = train.jit_train_step(config, loss_fn, optimizer, mesh, state)
+    step = lambda state, batch: jitted(state, batch, None)
+    step.lower = lambda state, batch: jitted.lower(state, batch, None)
     return config, state, step, vocab
 
   def batches(n, vocab, rows=16):

@@ -292,6 +292,22 @@ def shardings_of(tree: Any) -> Any:
   return jax.tree.map(lambda x: x.sharding, tree)
 
 
+def jit_train_step(config, loss_fn: LossFn, optimizer: optax.GradientTransformation, mesh,
+                   state: TrainState, frozen: Any = None):
+  """`train_step` for `config` (schedule, seed, grad_accum_steps), jitted as the trainer
+  runs it: traced under `mesh` and `config.logical_axis_rules` (`sharding.jit`), the state
+  (donated) and `frozen` kept in the shardings they have, the batch split over data x fsdp,
+  the metrics replicated. Call it as `step(state, batch, frozen)`; `.lower(...)` too."""
+  state_shardings = shardings_of(state)
+  return sharding.jit(
+      functools.partial(train_step, loss_fn=loss_fn, optimizer=optimizer,
+                        schedule=optim.learning_rate_schedule(config), seed=config.seed,
+                        grad_accum_steps=config.get('grad_accum_steps', 1)),
+      mesh, sharding.config_rules(config),
+      in_shardings=(state_shardings, sharding.batch_sharding(mesh), shardings_of(frozen)),
+      out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
 class BestCheckpoint:
   """Keeps the checkpoint with the best `metric` (improving in direction `mode`, 'max' or
   'min') in {workdir}/best, with its value in best/score.json, and counts evaluations
@@ -689,14 +705,7 @@ def _train(config, workdir: str) -> TrainState:
   start_step = int(state.step)
   best = BestCheckpoint(workdir, task.best_metric, task.best_mode)
 
-  state_shardings = shardings_of(state)
-  p_train_step = sharding.jit(
-      functools.partial(train_step, loss_fn=task.loss, optimizer=optimizer,
-                        schedule=optim.learning_rate_schedule(config), seed=config.seed,
-                        grad_accum_steps=config.grad_accum_steps),
-      mesh, task.rules,
-      in_shardings=(state_shardings, sharding.batch_sharding(mesh), shardings_of(frozen)),
-      out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+  p_train_step = jit_train_step(config, task.loss, optimizer, mesh, state, frozen)
 
   train_iter = task.train_batches(config.seed, skip=start_step)
   primary = multihost.is_primary()  # Process 0 logs, writes TensorBoard, shows the bar.
@@ -820,9 +829,9 @@ def _check_grad_accum(config, task: tasks.Task, mesh) -> None:
     config_schema.ConfigError: naming grad_accum_steps and the batch sizes that do not split.
   """
   k = config.grad_accum_steps
-  batcher = getattr(task, 'batcher', None)  # data.Batcher of the built-in tasks.
   if k == 1:
     return
+  batcher = getattr(task, 'batcher', None)  # data.Batcher of the built-in tasks.
   unit = k * sharding.batch_shards(mesh)
   if batcher is not None:
     sizes = [batcher.packed_rows] if batcher.pack else list(batcher.batch_sizes)
