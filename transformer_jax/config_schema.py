@@ -60,12 +60,12 @@ def _rules_problem(rules) -> str:
   return ''
 
 
-_rules_ok = lambda v: not _rules_problem(v)
-
 
 # A requirement may be a function of the value, for a message naming what is wrong.
 _regexes = (lambda v: not _regex_problem(v),
             lambda v: f'must be valid regexes: {_regex_problem(v)}')
+_rules = (lambda v: not _rules_problem(v),
+          lambda v: f'must be (logical axis, mesh axes) pairs: {_rules_problem(v)}')
 
 # field -> (type(s), (predicate, what the predicate requires: a message, or a function of
 # the value giving one)). Fields every task has:
@@ -148,7 +148,7 @@ SCHEMA: dict[str, tuple[Any, tuple[Callable[[Any], bool], str | Callable[[Any], 
         lambda v: (len(v) == 3 and all(isinstance(n, int) and (n > 0 or n == -1) for n in v)
                    and list(v).count(-1) <= 1),
         'must be 3 sizes (data, fsdp, tensor), each > 0 or one of them -1 (the rest)')),
-    'logical_axis_rules': ((tuple, list), (_rules_ok, lambda v: f"must be (logical axis, mesh axes) pairs: {_rules_problem(v)}")),
+    'logical_axis_rules': ((tuple, list), _rules),
     'grad_accum_steps': (int, _positive),
     'coordinator_address': (str, _any),
     'num_processes': (int, _non_negative),
