@@ -44,9 +44,6 @@ class Task:
   def __init__(self, config, workdir: str, mesh):
     self.config, self.workdir, self.mesh = config, workdir, mesh
     self.rules = sharding.config_rules(config)
-    # Batches split into data x fsdp shards: their row counts are multiples of this (and
-    # do not depend on grad_accum_steps, which may change on resume).
-    self.batch_rows_multiple = sharding.batch_shards(mesh) if mesh is not None else 1
     self.model = None
     self.peft = None  # A PEFT run's `peft.Adapter`, set before `setup`.
 

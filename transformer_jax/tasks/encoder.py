@@ -130,7 +130,7 @@ class EncoderTask(base.Task):
       self.tokenizer = self._load_tokenizer()
     self.model = self.wrap_model(self._make_model(architecture))
     self.batcher = data.Batcher(cfg.max_length, cfg.max_tokens_per_batch,
-                                cfg.length_bucket_step, self.batch_rows_multiple)
+                                cfg.length_bucket_step, sharding.batch_shards(self.mesh))
     self._predict_fn = sharding.jit(
         lambda params, inputs: self.model.apply({'params': params}, inputs), self.mesh,
         self.rules)

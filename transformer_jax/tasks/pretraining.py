@@ -29,6 +29,7 @@ from transformer_jax import config_schema
 from transformer_jax import data
 from transformer_jax import init_from
 from transformer_jax import monolingual
+from transformer_jax import sharding
 from transformer_jax import tokenizer
 from transformer_jax.tasks import base
 from transformer_jax.tasks import encoder
@@ -79,7 +80,7 @@ class PretrainingTask(base.Task):
       config_schema.save_model_config(cfg, self.sp.vocab_size(), workdir, extra={
           'task': cfg.task, 'architecture': encoder.architecture_to_json(self.model.config)})
     self.batcher = data.Batcher(self._max_length(), cfg.max_tokens_per_batch,
-                                cfg.length_bucket_step, self.batch_rows_multiple)
+                                cfg.length_bucket_step, sharding.batch_shards(self.mesh))
     self._eval_ds = None
     self._setup_model()
     if training:

@@ -142,7 +142,7 @@ class TranslationTask(base.Task):
         cfg, self.sp.vocab_size())))
     self.batcher = data.Batcher(max(cfg.max_source_length, cfg.max_target_length),
                                 cfg.max_tokens_per_batch, cfg.length_bucket_step,
-                                self.batch_rows_multiple,
+                                sharding.batch_shards(self.mesh),
                                 pack=cfg.pack_examples)
     self.translator = translate.Translator(self.model, None, self.sp, cfg, self.mesh,
                                            self.rules)
