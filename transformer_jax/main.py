@@ -51,16 +51,20 @@ _DEFAULT_CONFIG = 'configs/mt.py'
 config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Config file (path[:variant]); '
                                 'configs/NAME.py is found in the installed package too.',
                                 lock_config=True)
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'translate', 'merge'],
+flags.DEFINE_enum('mode', 'train',
+                  ['train', 'eval', 'predict', 'translate', 'merge', 'export', 'plot'],
                   'train; eval: score a checkpoint on --split and print the report; predict '
                   '(translate): one output line per line of --input, written to --output; '
                   'merge: fold a LoRA/IA3 run\'s adapter into its base, written as a plain '
-                  'run folder to --output.')
+                  'run folder to --output; export: write a translation model as a jax.export '
+                  '(StableHLO) artifact folder to --output (transformer_jax/serving.py loads '
+                  'it); plot: PNG curves of --workdir (and --compare) in --output.')
 flags.DEFINE_string('split', None, 'eval: the split to score (default: config.test_split).')
 flags.DEFINE_string('input', None, 'predict: input lines: sentences to translate or classify, '
                     'or whitespace-separated words to tag (default: stdin).')
 flags.DEFINE_string('output', None, 'predict: where the outputs go (default: stdout); '
                     'merge: the run folder to write (required).')
+flags.DEFINE_list('compare', [], 'plot: more workdirs drawn on the same figures.')
 flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'],
                   "eval/predict: the best checkpoint by the task's validation metric, or the "
                   'latest.')
@@ -197,9 +201,16 @@ def main(argv):
     hint = (f' (or set ${SHARED_DATA_ENV} to the folder holding sst2/ and germeval2014/)'
             if config.task != 'translation' else '')
     sys.exit(f'error: config.data_dir={config.data_dir!r}: no such folder{hint}')
-  if FLAGS.mode == 'merge' and not FLAGS.output:
-    sys.exit('error: --mode=merge needs --output=DIR, the run folder to write')
+  if FLAGS.mode in ('merge', 'export') and not FLAGS.output:
+    sys.exit(f'error: --mode={FLAGS.mode} needs --output=DIR, the folder to write')
   print(f'workdir: {os.path.abspath(workdir)}', file=sys.stderr)
+  if FLAGS.mode == 'plot':  # Reads event files only: no TensorFlow, no devices.
+    from transformer_jax import plots  # pylint: disable=g-import-not-at-top
+    try:
+      plots.run_plot([workdir, *FLAGS.compare], FLAGS.output or os.path.join(workdir, 'plots'))
+    except FileNotFoundError as e:
+      sys.exit(f'error: {e}')
+    return
   if FLAGS.input and not os.path.isfile(FLAGS.input):
     sys.exit(f'error: --input={FLAGS.input}: no such file')
   # Several processes (config.coordinator_address, ..., or a launcher's environment):
@@ -222,6 +233,9 @@ def main(argv):
       evaluation.run_eval(config, workdir, FLAGS.split or config.test_split, FLAGS.checkpoint)
     elif FLAGS.mode == 'merge':
       evaluation.run_merge(config, workdir, FLAGS.output, FLAGS.checkpoint)
+    elif FLAGS.mode == 'export':
+      from transformer_jax import export
+      export.run_export(config, workdir, FLAGS.output, FLAGS.checkpoint)
     else:
       translate.INPUT_NAME = f'--input={FLAGS.input}' if FLAGS.input else 'stdin'
       with contextlib.ExitStack() as files:
