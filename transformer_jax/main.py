@@ -204,7 +204,8 @@ def main(argv):
   if FLAGS.mode in ('merge', 'export') and not FLAGS.output:
     sys.exit(f'error: --mode={FLAGS.mode} needs --output=DIR, the folder to write')
   print(f'workdir: {os.path.abspath(workdir)}', file=sys.stderr)
-  if FLAGS.mode == 'plot':  # Reads event files only: no TensorFlow, no devices.
+  if FLAGS.mode == 'plot':  # Reads event files only: no model, no devices.
+    import_tensorflow_quietly()  # TensorBoard's event reader uses it when installed.
     from transformer_jax import plots  # pylint: disable=g-import-not-at-top
     try:
       plots.run_plot([workdir, *FLAGS.compare], FLAGS.output or os.path.join(workdir, 'plots'))
