@@ -49,3 +49,15 @@ def add_parallelism_fields(c) -> None:
   c.coordinator_address = ''  # 'host:port' of process 0.
   c.num_processes = 0         # 0 = from the environment.
   c.process_id = -1           # -1 = from the environment.
+
+
+def add_tracking_fields(c) -> None:
+  """Sets the experiment-tracking fields of config `c` to their defaults (TensorBoard
+  only). With `wandb_project` set, the trainer logs the same scalars to a Weights & Biases
+  run too, with the config and the final report (transformer_jax/tracking.py; needs
+  `pip install 'transformer_jax[wandb]'`). Any of them may change on resume."""
+  # W&B project the run logs to beside TensorBoard; '' = no W&B. Offline (no network):
+  # WANDB_MODE=offline, then `wandb sync WORKDIR/wandb/offline-run-*`.
+  c.wandb_project = ''
+  c.wandb_entity = ''         # W&B user or team; '' = the default of your login.
+  c.wandb_run_name = ''       # The run's name; '' = the workdir's name.

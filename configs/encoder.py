@@ -9,7 +9,7 @@ import sys
 import ml_collections
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import add_parallelism_fields, add_peft_fields  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import add_parallelism_fields, add_peft_fields, add_tracking_fields  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Folder holding the shared data sets (sst2/, germeval2014/, multi30k/); by default
 # ../shared/data beside the checkout.
@@ -71,6 +71,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   c.init_strict = False       # True: every parameter loaded and every value used.
   add_peft_fields(c)          # Parameter-efficient fine-tuning: configs/__init__.py.
   add_parallelism_fields(c)   # Mesh, sharding rules, gradient accumulation, processes.
+  add_tracking_fields(c)      # wandb_project, wandb_entity, wandb_run_name.
   c.pooling = 'mean'          # classification: 'first' token ([CLS]/BOS) or 'mean'.
   c.d_model = 256
   c.num_heads = 4

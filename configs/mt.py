@@ -10,7 +10,7 @@ import sys
 import ml_collections
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import add_parallelism_fields, add_peft_fields  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import add_parallelism_fields, add_peft_fields, add_tracking_fields  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Environment variable naming the folder with the raw Multi30k files
 # (train.de.gz, val.en.gz, ...). Empty: download them (needs internet).
@@ -78,6 +78,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   c.init_strict = False       # True: every parameter loaded and every value used.
   add_peft_fields(c)          # Parameter-efficient fine-tuning: configs/__init__.py.
   add_parallelism_fields(c)   # Mesh, sharding rules, gradient accumulation, processes.
+  add_tracking_fields(c)      # wandb_project, wandb_entity, wandb_run_name.
 
   # --- Loss ---------------------------------------------------------------
   # 'cross_entropy' or a user's JAX function by import path ('my_pkg.losses:focal')

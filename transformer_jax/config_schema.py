@@ -41,6 +41,9 @@ def _regex_problem(values) -> str:
   return ''
 
 
+# Characters W&B refuses in a project name.
+WANDB_PROJECT_BAD = '/\\#?%:'
+
 LOGICAL_AXES = ('batch', 'length', 'embed', 'heads', 'kv', 'mlp', 'vocab')
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
@@ -153,6 +156,11 @@ SCHEMA: dict[str, tuple[Any, tuple[Callable[[Any], bool], str | Callable[[Any], 
     'coordinator_address': (str, _any),
     'num_processes': (int, _non_negative),
     'process_id': (int, (lambda v: v >= -1, 'must be >= 0, or -1 (from the environment)')),
+    # Experiment tracking (transformer_jax/tracking.py): W&B beside TensorBoard.
+    'wandb_project': (str, (lambda v: len(v) <= 128 and not set(v) & set(WANDB_PROJECT_BAD),
+                            f'must be at most 128 characters, none of {WANDB_PROJECT_BAD}')),
+    'wandb_entity': (str, _any),
+    'wandb_run_name': (str, _any),
 }
 
 # Fields of task 'translation' (transformer_jax/tasks/translation.py).
@@ -415,6 +423,8 @@ RESUME_FREE_FIELDS = (
     # over micro-batches gives the same update as the whole batch at once.
     'mesh_shape', 'logical_axis_rules', 'grad_accum_steps', 'coordinator_address',
     'num_processes', 'process_id',
+    # Where the run is tracked: a resumed run continues its W&B run (`tracking`).
+    'wandb_project', 'wandb_entity', 'wandb_run_name',
 )
 RUN_CONFIG_FILE = 'run_config.json'
 

@@ -13,6 +13,7 @@ The progress bar counts finished steps: at most MAX_STEPS_IN_FLIGHT are dispatch
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import json
 import logging as py_logging
@@ -27,7 +28,6 @@ from typing import Any, Callable
 from absl import logging
 import flax
 from flax import traverse_util
-from flax.metrics import tensorboard
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,6 +44,7 @@ from transformer_jax import optim
 from transformer_jax import peft
 from transformer_jax import sharding
 from transformer_jax import tasks
+from transformer_jax import tracking
 
 
 @flax.struct.dataclass
@@ -225,19 +226,6 @@ class _LogFile:
       self.handler.close()
 
 
-class _NoWriter:
-  """The TensorBoard writer of a process other than process 0: writes nothing."""
-
-  def scalar(self, *args, **kwargs):
-    pass
-
-  def flush(self):
-    pass
-
-  def close(self):
-    pass
-
-
 def create_state(task: tasks.Task, optimizer: optax.GradientTransformation, seed: int,
                  mesh, pretrained: bool = False) -> TrainState:
   """A freshly initialized state (the task's `init_params`, and with `pretrained` its
@@ -353,7 +341,8 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
 
   Writes the task's files (tokenizer/, model_config.json, outputs), run_config.json (the
   config of the first start), checkpoints/, best/ (best by the task's metric),
-  tensorboard/ and train.log. On resume, says so on the console (step and checkpoint
+  tensorboard/ and train.log, and with `config.wandb_project` a W&B run (wandb/,
+  wandb_run_id.txt: `tracking`). On resume, says so on the console (step and checkpoint
   folder) with the config fields changed since the first start. At the end, scores
   `config.test_split` with the best checkpoint. Returns the final train state.
 
@@ -372,8 +361,8 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   config_schema.validate(config)
   multihost.initialize(config)
   os.makedirs(workdir, exist_ok=True)
-  with _LogFile(workdir):
-    return _train(config, workdir)
+  with _LogFile(workdir), contextlib.ExitStack() as on_exit:
+    return _train(config, workdir, on_exit)
 
 
 # Train steps that may be in flight at once (JAX dispatches them asynchronously): the loop
@@ -659,7 +648,7 @@ def _train_line(step: int, train: dict) -> str:
           f"steps/s, {train['tokens_per_second']:.0f} tok/s")
 
 
-def _train(config, workdir: str) -> TrainState:
+def _train(config, workdir: str, on_exit: contextlib.ExitStack) -> TrainState:
   mesh = sharding.config_mesh(config)
   logging.info('Mesh %s: %d %s devices in %d process%s; malloc huge pages: %s',
                dict(mesh.shape), mesh.size, mesh.devices.flat[0].platform, jax.process_count(),
@@ -667,6 +656,8 @@ def _train(config, workdir: str) -> TrainState:
   manager = checkpoints.make_manager(workdir, config.keep_checkpoints)
   resuming = manager.latest_step() is not None
   config_changes = _check_run_config(config, workdir, resuming)
+  # TensorBoard and W&B (config.wandb_project); closed when train_and_evaluate returns.
+  writer = on_exit.enter_context(tracking.create_writer(config, workdir))
   task = tasks.create(config, workdir, mesh)
   task.peft = adapter = peft.Adapter.from_config(config)
   task.setup(training=True)
@@ -709,8 +700,6 @@ def _train(config, workdir: str) -> TrainState:
 
   train_iter = task.train_batches(config.seed, skip=start_step)
   primary = multihost.is_primary()  # Process 0 logs, writes TensorBoard, shows the bar.
-  writer = (tensorboard.SummaryWriter(os.path.join(workdir, 'tensorboard')) if primary
-            else _NoWriter())
   bar = tqdm.tqdm(total=config.num_train_steps, initial=start_step, unit='step',
                   dynamic_ncols=True, desc='train', disable=not primary)
   console = _ConsoleAboveBar()
@@ -803,7 +792,7 @@ def _train(config, workdir: str) -> TrainState:
     interrupt.restore()
     console.restore()
     bar.close()
-    writer.close()
+    writer.flush()
     manager.wait_until_finished()
     manager.close()
 
@@ -811,10 +800,13 @@ def _train(config, workdir: str) -> TrainState:
     params, name = state.params, f'step{int(state.step)}'
     if best.step >= 0:
       params, name = checkpoints.restore_latest(best.manager, state).params, f'best-step{best.step}'
-    _, report = task.test(view(params), config.test_split, name)
+    result, report = task.test(view(params), config.test_split, name)
     if primary:
       print(report)
     logging.info(report)
+    writer.report({f'test/{k}': v for k, v in result.items()}, report)
+  if best.step >= 0:
+    writer.report({'best/step': best.step, f'best/{best.metric}': best.value}, files=[best.path])
   best.manager.close()
   logging.info('Peak resident memory of the process: %.0f MiB',
                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
