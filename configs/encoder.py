@@ -8,8 +8,13 @@ import sys
 
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import add_parallelism_fields, add_peft_fields, add_tracking_fields  # pylint: disable=g-import-not-at-top,wrong-import-position
+try:  # An installed toolkit: this folder is the package transformer_jax.configs.
+  from transformer_jax.configs import (  # pylint: disable=g-import-not-at-top
+      add_parallelism_fields, add_peft_fields, add_tracking_fields)
+except ImportError:  # A checkout: configs/ beside transformer_jax/.
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from configs import (  # pylint: disable=g-import-not-at-top
+      add_parallelism_fields, add_peft_fields, add_tracking_fields)
 
 # Folder holding the shared data sets (sst2/, germeval2014/, multi30k/); by default
 # ../shared/data beside the checkout.

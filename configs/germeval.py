@@ -4,8 +4,11 @@ a SentencePiece vocabulary trained on the training sentences, entity F1 with seq
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import encoder  # pylint: disable=g-import-not-at-top,wrong-import-position
+try:  # An installed toolkit: this folder is the package transformer_jax.configs.
+  from transformer_jax.configs import encoder  # pylint: disable=g-import-not-at-top
+except ImportError:  # A checkout: configs/ beside transformer_jax/.
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from configs import encoder  # pylint: disable=g-import-not-at-top
 
 TYPES = ('PER', 'LOC', 'ORG', 'OTH', 'PERderiv', 'LOCderiv', 'ORGderiv', 'OTHderiv',
          'PERpart', 'LOCpart', 'ORGpart', 'OTHpart')

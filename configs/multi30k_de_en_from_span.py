@@ -11,8 +11,13 @@ Results: docs/benchmarks.md.
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import encoder, mt, multi30k_de_en  # pylint: disable=g-import-not-at-top,wrong-import-position
+try:  # An installed toolkit: this folder is the package transformer_jax.configs.
+  from transformer_jax.configs import (  # pylint: disable=g-import-not-at-top
+      encoder, mt, multi30k_de_en)
+except ImportError:  # A checkout: configs/ beside transformer_jax/.
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from configs import (  # pylint: disable=g-import-not-at-top
+      encoder, mt, multi30k_de_en)
 
 PRETRAINED_ENV = 'TRANSFORMER_JAX_PRETRAINED'
 

@@ -9,8 +9,11 @@ docs/benchmarks.md.
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import encoder  # pylint: disable=g-import-not-at-top,wrong-import-position
+try:  # An installed toolkit: this folder is the package transformer_jax.configs.
+  from transformer_jax.configs import encoder  # pylint: disable=g-import-not-at-top
+except ImportError:  # A checkout: configs/ beside transformer_jax/.
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from configs import encoder  # pylint: disable=g-import-not-at-top
 
 
 def get_config(variant: str = ''):

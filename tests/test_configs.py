@@ -61,3 +61,17 @@ def test_model_config_is_checked_only_once_a_checkpoint_exists(tmp_path):
   (tmp_path / 'checkpoints' / '10').mkdir(parents=True)
   with pytest.raises(config_schema.ConfigError, match='config.d_model=64, but the model'):
     config_schema.check_model_config(config, str(tmp_path))
+
+
+def test_load_config_takes_a_variant_and_finds_the_shipped_files_from_any_folder(
+    tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert config_schema.load_config('configs/mt.py:tiny').d_model == 32
+  assert config_schema.load_config('mt.py').d_model == 256
+  (tmp_path / 'mine.py').write_text(
+      'import ml_collections\n'
+      'def get_config(variant=""):\n'
+      '  return ml_collections.ConfigDict({"variant": variant})\n')
+  assert config_schema.load_config('mine.py:big').variant == 'big'
+  with pytest.raises(FileNotFoundError, match='nope.py: no such config file'):
+    config_schema.load_config('configs/nope.py')

@@ -28,9 +28,16 @@ def test_wheel_installs_into_a_fresh_venv_and_trains_from_another_folder(tmp_pat
     f.write('\n'.join(site.getsitepackages()) + '\n')
   env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
   env.update(TRANSFORMER_JAX_DATA_DIR=multi30k_dir(), TF_CPP_MIN_LOG_LEVEL='3')
-  where = run(python, '-c', 'import transformer_jax, os; print(os.path.dirname('
-              'transformer_jax.__file__))', cwd=elsewhere, env=env).stdout.strip()
+  # The Python API loads a shipped config (which imports two others) without putting the
+  # package's folder on sys.path, where its modules would shadow top-level ones.
+  script = ('import os, sys, transformer_jax; from transformer_jax import config_schema; '
+            "c = config_schema.load_config('configs/multi30k_de_en.py'); "
+            'print(os.path.dirname(transformer_jax.__file__)); print(c.num_train_steps); '
+            "print(sorted(p for p in sys.path if p.rstrip('/').endswith('transformer_jax')))")
+  where, steps, shadowing = run(python, '-c', script, cwd=elsewhere,
+                                env=env).stdout.strip().splitlines()
   assert where.startswith(new_site), where
+  assert (steps, shadowing) == ('1400', '[]')
   assert os.path.exists(os.path.join(where, 'configs', 'mt.py'))
   result = run(str(venv / 'bin' / 'transformer-jax'), '--config=configs/mt.py:tiny',
                '--workdir=run', '--config.num_train_steps=2', '--config.eval_every_steps=2',

@@ -18,6 +18,43 @@ class ConfigError(ValueError):
   """A config field is unknown, missing, of the wrong type or has an impossible value."""
 
 
+def configs_dir() -> str:
+  """The folder of the shipped config files: `configs/` beside the package in a checkout,
+  or the copy an installed wheel carries as `transformer_jax/configs`."""
+  package = os.path.dirname(os.path.abspath(__file__))
+  installed = os.path.join(package, 'configs')
+  return installed if os.path.isdir(installed) else os.path.join(os.path.dirname(package),
+                                                                   'configs')
+
+
+def load_config(spec: str):
+  """The config of `spec`, 'PATH.py[:variant]' as `--config=` takes it, for Python use:
+  `load_config('configs/mt.py:tiny')`. A path that does not exist relative to the working
+  directory is looked up by file name among the shipped configs (`configs_dir`), so an
+  installed toolkit finds 'configs/mt.py' (or 'mt.py') from any folder. Fields can then be
+  set like attributes; `train.train_and_evaluate` validates them.
+
+  Returns:
+    The file's `get_config(variant)` (`get_config()` without a variant): an
+    ml_collections.ConfigDict.
+
+  Raises:
+    FileNotFoundError: no such config file, here or among the shipped ones.
+  """
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path, _, variant = spec.partition(':')
+  if not os.path.isfile(path):
+    shipped = os.path.join(configs_dir(), os.path.basename(path))
+    if not os.path.isfile(shipped):
+      raise FileNotFoundError(f'{spec}: no such config file (nor {shipped})')
+    path = shipped
+  name = 'transformer_jax_config_' + re.sub(r'\W', '_', os.path.basename(path)[:-3])
+  module_spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(variant) if variant else module.get_config()
+
+
 _positive = (lambda v: v > 0, 'must be > 0')
 _non_negative = (lambda v: v >= 0, 'must be >= 0')
 _probability = (lambda v: 0 <= v < 1, 'must be in [0, 1)')

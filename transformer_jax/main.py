@@ -24,12 +24,10 @@ with the same --workdir resumes from its latest checkpoint. A bad flag or config
 stops with one line naming it, before anything heavy is imported or any file is written.
 """
 import contextlib
-import importlib
 import io
 import os
 import re
 import sys
-import tempfile
 
 # TensorFlow's and XLA's C++ logging: errors only, unless the user chose a level. Set
 # before anything imports TensorFlow (and kept across the huge-pages re-execution).
@@ -40,6 +38,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from transformer_jax import config_schema
+from transformer_jax import console
 from transformer_jax import hugepages
 from transformer_jax import multihost  # No jax import until used.
 
@@ -72,42 +71,6 @@ flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'],
 
 SHARED_DATA_ENV = 'TRANSFORMER_JAX_SHARED_DATA'  # As configs/encoder.py reads it.
 
-# Lines TensorFlow's C++ code writes to stderr while it is imported, whatever
-# TF_CPP_MIN_LOG_LEVEL says (they are logged before TensorFlow reads it).
-_TF_IMPORT_NOISE = re.compile(
-    r'WARNING: All log messages before absl::InitializeLog\(\) is called are written to '
-    r'STDERR|\] oneDNN custom operations are on|cpu_feature_guard\.cc|To enable the '
-    r'following instructions: .* rebuild TensorFlow')
-
-
-def import_tensorflow_quietly() -> None:
-  """Imports TensorFlow with its C++ start-up lines (`_TF_IMPORT_NOISE`) kept off the
-  console: file descriptor 2 goes to a temporary file during the import, and everything
-  else written there is copied to stderr afterwards. Does nothing if TensorFlow is
-  already imported."""
-  if 'tensorflow' in sys.modules:
-    return
-  sys.stderr.flush()
-  try:
-    saved = os.dup(2)
-  except OSError:  # No file descriptor 2.
-    importlib.import_module('tensorflow')
-    return
-  with tempfile.TemporaryFile() as captured:
-    os.dup2(captured.fileno(), 2)
-    try:
-      importlib.import_module('tensorflow')
-    finally:
-      sys.stderr.flush()
-      os.dup2(saved, 2)
-      os.close(saved)
-      captured.seek(0)
-      for line in captured.read().decode('utf-8', 'replace').splitlines(keepends=True):
-        if not _TF_IMPORT_NOISE.search(line):
-          sys.stderr.write(line)
-      sys.stderr.flush()
-
-
 def _text_streams(files: contextlib.ExitStack, input_path: str | None,
                   output_path: str | None) -> tuple[io.TextIOBase, io.TextIOBase]:
   """(--input or stdin, --output or stdout) as UTF-8 text with lines ending at '\n' only:
@@ -139,30 +102,21 @@ def default_workdir(config) -> str:
   return os.path.join('runs', os.path.splitext(os.path.basename(path))[0] or config.task)
 
 
-def configs_dir() -> str:
-  """The folder of the shipped config files: `configs/` beside the package in a checkout,
-  or the copy an installed wheel carries as `transformer_jax/configs`."""
-  package = os.path.dirname(os.path.abspath(__file__))
-  installed = os.path.join(package, 'configs')
-  return installed if os.path.isdir(installed) else os.path.join(os.path.dirname(package),
-                                                                   'configs')
-
-
 def _find_config(argv: list[str]) -> list[str]:
   """`argv` with a `--config=configs/NAME.py[:variant]` that does not exist relative to
-  the working directory pointed at the shipped copy (`configs_dir`), so that an installed
-  toolkit runs the README's commands from any folder."""
+  the working directory pointed at the shipped copy (`config_schema.configs_dir`), so
+  that an installed toolkit runs the README's commands from any folder."""
   out = []
   for arg in argv:
     match = re.fullmatch(r'--config=configs/([\w.]+\.py)(:\w*)?', arg)
     if match and not os.path.exists(f'configs/{match.group(1)}'):
-      shipped = os.path.join(configs_dir(), match.group(1))
+      shipped = os.path.join(config_schema.configs_dir(), match.group(1))
       if os.path.exists(shipped):
         arg = f'--config={shipped}{match.group(2) or ""}'
     out.append(arg)
   if not any(a.startswith('--config=') or a == '--config' for a in argv[1:]):
     if not os.path.exists(_DEFAULT_CONFIG):  # The default, from another folder.
-      out.append(f'--config={os.path.join(configs_dir(), "mt.py")}')
+      out.append(f'--config={os.path.join(config_schema.configs_dir(), "mt.py")}')
   return out
 
 
@@ -205,7 +159,7 @@ def main(argv):
     sys.exit(f'error: --mode={FLAGS.mode} needs --output=DIR, the folder to write')
   print(f'workdir: {os.path.abspath(workdir)}', file=sys.stderr)
   if FLAGS.mode == 'plot':  # Reads event files only: no model, no devices.
-    import_tensorflow_quietly()  # TensorBoard's event reader uses it when installed.
+    console.import_tensorflow_quietly()  # TensorBoard's event reader uses it when installed.
     from transformer_jax import plots  # pylint: disable=g-import-not-at-top
     try:
       plots.run_plot([workdir, *FLAGS.compare], FLAGS.output or os.path.join(workdir, 'plots'))
@@ -223,7 +177,7 @@ def main(argv):
 
   # pylint: disable=g-import-not-at-top
   from absl import logging
-  import_tensorflow_quietly()
+  console.import_tensorflow_quietly()
   from transformer_jax import evaluation, hf_import, multi30k, train, translate
   if FLAGS.mode != 'train':
     logging.set_verbosity(logging.WARNING)  # Keep stdout/stderr to results and problems.

@@ -10,12 +10,12 @@ Special ids, fixed for every model this toolkit trains (the one place they are d
 Text normalization (what happens to a sentence before it is split into pieces, in
 training, evaluation and translate mode alike):
 
-  1. `clean` (ours): every whitespace character (Python's `str.isspace`: tab, NBSP, the
-     line and paragraph separators '\r', '\x0b', '\x0c', '\x1c'-'\x1f', '\x85',
-     '\u2028', '\u2029', ...) becomes a space, and the other control characters
-     (Unicode Cc) and the invisible format characters (Cf: zero-width space, joiner and
-     non-joiner, soft hyphen, byte order mark, bidi marks, word joiner) are removed, so
-     'Hun\u200bd' is 'Hund'.
+  1. `clean` (ours, in `transformer_jax.textnorm`): every whitespace character (Python's
+     `str.isspace`: tab, NBSP, the line and paragraph separators '\r', '\x0b', '\x0c',
+     '\x1c'-'\x1f', '\x85', '\u2028', '\u2029', ...) becomes a space, and the other
+     control characters (Unicode Cc) and the invisible format characters (Cf: zero-width
+     space, joiner and non-joiner, soft hyphen, byte order mark, bidi marks, word joiner)
+     are removed, so 'Hun\u200bd' is 'Hund'.
   2. SentencePiece's own normalizer, `nmt_nfkc`: Unicode NFKC (NFD input such as
      'fa\u0308hrt' composes to 'fährt'; compatibility forms such as 'ﬁ' and '…' become
      'fi' and '...') and runs of spaces collapsed, leading and trailing ones dropped.
@@ -35,10 +35,8 @@ from __future__ import annotations
 import functools
 import os
 import re
-import sys
 import tempfile
 from typing import Iterable, Sequence
-import unicodedata
 
 from absl import logging
 import numpy as np
@@ -46,6 +44,7 @@ import sentencepiece as spm
 
 from transformer_jax import multihost
 from transformer_jax.config_schema import ConfigError
+from transformer_jax.textnorm import clean, one_line
 
 PAD_ID = 0
 EOS_ID = 1
@@ -60,30 +59,6 @@ SENTINEL = '<extra_id_{}>'
 
 # A corpus (or translate input) with more unknown pieces than this fraction gets a warning.
 UNKNOWN_WARNING_RATE = 0.001
-_SPACE = re.compile(r'\s')  # Exactly the characters str.isspace() accepts.
-
-
-@functools.lru_cache(maxsize=None)
-def _invisible() -> re.Pattern:
-  """The control (Cc) and format (Cf) characters that are not whitespace."""
-  chars = ''.join(chr(c) for c in range(sys.maxunicode + 1)
-                  if unicodedata.category(chr(c)) in ('Cc', 'Cf') and not chr(c).isspace())
-  return re.compile(f'[{re.escape(chars)}]')
-
-
-def clean(text: str) -> str:
-  """`text` with every whitespace character made a space and the other control and
-  format characters (zero-width, soft hyphen, BOM, bidi marks) removed: the first step
-  of the normalization (module docstring). The result never contains a line break."""
-  if text.isascii() and text.isprintable():
-    return text  # Nothing to do (the common case).
-  return _invisible().sub('', _SPACE.sub(' ', text))
-
-
-def one_line(text: str) -> str:
-  """`clean` text with runs of spaces collapsed and no leading or trailing space: a model
-  output that is safe to write as one line (byte pieces may spell any character)."""
-  return ' '.join(clean(text).split())
 
 
 @functools.lru_cache(maxsize=None)

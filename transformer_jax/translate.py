@@ -36,7 +36,7 @@ from transformer_jax import sharding
 from transformer_jax import tokenizer
 from transformer_jax.tokenizer import EOS_ID
 
-_LONG_QUANTUM = 64  # Over-long sources are padded to a multiple of this.
+LONG_QUANTUM = 64  # Over-long sources are padded to a multiple of this.
 # What the warnings of --mode=translate call its input: main.py sets the --input file
 # (or 'stdin').
 INPUT_NAME = 'translate input'
@@ -110,7 +110,7 @@ class Translator:
       max_length = int(max_output_length(source_length, cfg.decode_max_length_ratio,
                                          cfg.decode_max_length_offset))
       self._compiled[source_length] = sharding.jit(
-          functools.partial(_search, model=self.model, config=cfg, max_length=max_length),
+          functools.partial(search, model=self.model, config=cfg, max_length=max_length),
           self.mesh, self.rules, out_shardings=sharding.batch_sharding(self.mesh))
     return self._compiled[source_length]
 
@@ -118,7 +118,7 @@ class Translator:
     for bucket in self.lengths:
       if length <= bucket:
         return bucket
-    return math.ceil(length / _LONG_QUANTUM) * _LONG_QUANTUM
+    return math.ceil(length / LONG_QUANTUM) * LONG_QUANTUM
 
   def translate_ids(self, sources: list[np.ndarray]) -> list[np.ndarray]:
     """EOS-terminated source ids -> output ids without EOS (never PAD or BOS: `decode`),
@@ -132,7 +132,7 @@ class Translator:
       by_bucket.setdefault(self._bucket(len(ids)), []).append(i)
     for length, indices in sorted(by_bucket.items()):
       rows = self._rows(length)
-      search = self._search_fn(length)
+      search_fn = self._search_fn(length)
       for start in range(0, len(indices), rows):
         chunk = indices[start:start + rows]
         inputs = np.zeros((rows, length), np.int32)
@@ -147,7 +147,7 @@ class Translator:
         batch = sharding.put_batch({'inputs': inputs, 'caps': caps, 'row_ids': row_ids},
                                    self.mesh)
         # Every process gets every row (the rows of other processes' devices too).
-        seqs = np.asarray(multihost.to_host(search(self.params, batch['inputs'],
+        seqs = np.asarray(multihost.to_host(search_fn(self.params, batch['inputs'],
                                                    batch['caps'], batch['row_ids'])))
         for row, i in enumerate(chunk):
           out = seqs[row]
@@ -193,8 +193,8 @@ class Translator:
     return results
 
 
-def _search(params, inputs: jax.Array, caps: jax.Array, row_ids: jax.Array, *,
-            model: models.Transformer, config, max_length: int) -> jax.Array:
+def search(params, inputs: jax.Array, caps: jax.Array, row_ids: jax.Array, *,
+           model: models.Transformer, config, max_length: int) -> jax.Array:
   """inputs int32 [B, S], caps int32 [B], row_ids uint32 [B] (each row's random stream,
   `sample_ids`; sampling only) -> best sequences int32 [B, max_length]."""
   cache = model.apply({'params': params}, inputs, max_length, method=models.Transformer.init_cache)
