@@ -353,7 +353,7 @@ def make_torch_model(shape: Shape, device, initial_params):
 
 
 def _jax_search(params, inputs, caps, *, model, max_length: int, beam_size: int):
-  """As `translate._search`: inputs int32 [B, S], caps int32 [B] -> int32 [B, max_length]
+  """As `translate.search`: inputs int32 [B, S], caps int32 [B] -> int32 [B, max_length]
   (greedy when beam_size is 0)."""
   cache = model.apply({'params': params}, inputs, max_length,
                       method=models.Transformer.init_cache)
