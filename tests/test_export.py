@@ -3,6 +3,7 @@ its translations equal the in-process Translator's, and loading it needs no trai
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import unicodedata
@@ -83,6 +84,9 @@ def test_manifest_params_and_tokenizer_are_the_runs(run, exported):
   config, workdir = run
   folder, manifest = exported
   assert manifest == serving.read_manifest(folder)
+  umask = os.umask(0)
+  os.umask(umask)
+  assert stat.S_IMODE(os.stat(folder).st_mode) == 0o777 & ~umask  # Not mkdtemp's 0700.
   assert sorted(os.listdir(folder)) == ['beam.jax_exported', 'greedy.jax_exported',
                                         'manifest.json', 'params.npz', 'spm.model']
   assert manifest['checkpoint']['step'] == 60 and manifest['checkpoint']['name'] == 'step60'
@@ -165,6 +169,8 @@ def test_export_errors_are_one_line(run, exported, tmp_path):
   translator = serving.ExportedTranslator(folder)
   with pytest.raises(ValueError, match=r"^decoding='sample': the export has greedy and beam$"):
     translator.translate(['Ein Hund.'], 'sample')
+  with pytest.raises(TypeError, match=r'a list of lines, not one string'):
+    translator.translate('Ein Hund.')  # Would be one line per character.
   copy = tmp_path / 'v2'
   shutil.copytree(folder, copy)
   manifest = json.loads((copy / 'manifest.json').read_text(encoding='utf-8'))

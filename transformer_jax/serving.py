@@ -204,8 +204,12 @@ class ExportedTranslator:
         the manifest's default (the run's `decoding`, or 'beam' for a sampling run).
 
     Raises:
+      TypeError: `lines` is a single string (translate([line]) translates one line).
       ValueError: `decoding` is not 'greedy' or 'beam'.
     """
+    if isinstance(lines, str):
+      raise TypeError('ExportedTranslator.translate takes a list of lines, not one string: '
+                      'translate([line])')
     decoding = decoding or self.settings['default']
     encoded = self.sp.encode([textnorm.clean(line) for line in lines])
     todo = [i for i, ids in enumerate(encoded) if ids]

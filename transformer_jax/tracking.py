@@ -126,6 +126,32 @@ def create_writer(config, workdir: str) -> NullWriter:
   return Writer(workdir, tensorboard.SummaryWriter(os.path.join(workdir, 'tensorboard')), run)
 
 
+def check(config) -> None:
+  """Fails early, before a run writes anything, when `config.wandb_project` is set and the
+  wandb package is missing.
+
+  Raises:
+    config_schema.ConfigError: the package is not installed.
+  """
+  if config.get('wandb_project') and multihost.is_primary():
+    _import_wandb(config)
+
+
+def _import_wandb(config):
+  """The wandb module (imported only by runs that track).
+
+  Raises:
+    config_schema.ConfigError: wandb is not installed.
+  """
+  try:
+    import wandb  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise config_schema.ConfigError(
+        f'config.wandb_project={config.wandb_project!r}: the wandb package is not installed; '
+        "pip install 'transformer_jax[wandb]', or set config.wandb_project=''") from None
+  return wandb
+
+
 def _start_wandb(config, workdir: str):
   """Starts (or resumes) the W&B run of `workdir` and records its id there.
 
@@ -133,12 +159,7 @@ def _start_wandb(config, workdir: str):
     config_schema.ConfigError: wandb is not installed, or W&B refused to start the run
       (`wandb.errors.Error`: no API key without a terminal to ask for one, ...).
   """
-  try:
-    import wandb  # pylint: disable=g-import-not-at-top  # Only runs that track need it.
-  except ImportError:
-    raise config_schema.ConfigError(
-        f'config.wandb_project={config.wandb_project!r}: the wandb package is not installed; '
-        "pip install 'transformer_jax[wandb]', or set config.wandb_project=''") from None
+  wandb = _import_wandb(config)
   try:
     run = wandb.init(
         project=config.wandb_project, entity=config.get('wandb_entity') or None,

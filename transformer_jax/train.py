@@ -360,6 +360,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   """
   config_schema.validate(config)
   multihost.initialize(config)
+  tracking.check(config)  # A missing wandb package stops the run before it writes a file.
   os.makedirs(workdir, exist_ok=True)
   with _LogFile(workdir), contextlib.ExitStack() as on_exit:
     return _train(config, workdir, on_exit)
