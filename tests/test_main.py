@@ -21,7 +21,8 @@ def run_main(*args, **kwargs):
 USER_ENV = {k: v for k, v in os.environ.items() if k != 'TF_CPP_MIN_LOG_LEVEL'}
 # TensorFlow's C++ start-up lines and TFDS's prints: never on the console.
 CHATTER = ('All log messages before absl::InitializeLog()', 'oneDNN custom operations',
-           'cpu_feature_guard', 'Downloading and preparing dataset', 'downloaded and prepared')
+           'cpu_feature_guard', 'Downloading and preparing dataset', 'downloaded and prepared',
+           "Unable to initialize backend")  # JAX's INFO line for each platform it lacks.
 
 
 def assert_no_chatter(console: str) -> None:

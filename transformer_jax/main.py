@@ -171,6 +171,11 @@ def main(argv):
     return
   if FLAGS.input and not os.path.isfile(FLAGS.input):
     sys.exit(f'error: --input={FLAGS.input}: no such file')
+  # The console shows warnings and errors (train mode sends INFO to train.log), also while
+  # JAX looks for its backends (an INFO line per platform it does not find).
+  import logging as py_logging  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.get_absl_handler().setLevel(py_logging.WARNING)
   # Several processes (config.coordinator_address, ..., or a launcher's environment):
   # jax.distributed starts before anything uses a device.
   try:
@@ -179,7 +184,6 @@ def main(argv):
     sys.exit(f'error: {e}')
 
   # pylint: disable=g-import-not-at-top
-  from absl import logging
   console.import_tensorflow_quietly()
   from transformer_jax import evaluation, hf_import, multi30k, train, translate
   if FLAGS.mode != 'train':
