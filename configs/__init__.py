@@ -61,3 +61,22 @@ def add_tracking_fields(c) -> None:
   c.wandb_project = ''
   c.wandb_entity = ''         # W&B user or team; '' = the default of your login.
   c.wandb_run_name = ''       # The run's name; '' = the workdir's name.
+
+
+def add_regularizer_fields(c) -> None:
+  """Sets the regularizer fields of config `c` to their defaults (all off). They compose
+  with any task's loss (transformer_jax/regularizers.py); none may change on resume."""
+  # Adversarial training on the token embeddings: '' (off), 'fgm' (Miyato et al. 2017:
+  # loss at the embeddings + loss at one normalized gradient step of norm epsilon),
+  # 'pgd' (Madry et al. 2018: the same with `adversarial_steps` projected steps) or
+  # 'freelb' (Zhu et al. 2020: the mean loss over `adversarial_steps` ascent steps).
+  c.adversarial = ''
+  c.adversarial_epsilon = 1.0     # Radius of each example's perturbation (L2 over [L, D]).
+  c.adversarial_steps = 3         # pgd, freelb: ascent steps K (each a forward + backward).
+  c.adversarial_step_size = 0.3   # pgd, freelb: ascent step alpha (of norm alpha).
+  # R-Drop (Liang et al. 2021): > 0 runs each row twice (two dropout masks) and adds
+  # r_drop_alpha x the symmetric KL between the two predictions; 0 = off.
+  c.r_drop_alpha = 0.0
+  # Exponential moving average of the parameters (debiased, as optax.ema), used for
+  # evaluation, the best checkpoint, the test and eval/predict/export; 0 = off.
+  c.ema_decay = 0.0

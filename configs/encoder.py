@@ -10,11 +10,13 @@ import ml_collections
 
 try:  # An installed toolkit: this folder is the package transformer_jax.configs.
   from transformer_jax.configs import (  # pylint: disable=g-import-not-at-top
-      add_parallelism_fields, add_peft_fields, add_tracking_fields)
+      add_parallelism_fields, add_peft_fields, add_regularizer_fields,
+      add_tracking_fields)
 except ImportError:  # A checkout: configs/ beside transformer_jax/.
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from configs import (  # pylint: disable=g-import-not-at-top
-      add_parallelism_fields, add_peft_fields, add_tracking_fields)
+      add_parallelism_fields, add_peft_fields, add_regularizer_fields,
+      add_tracking_fields)
 
 # Folder holding the shared data sets (sst2/, germeval2014/, multi30k/); by default
 # ../shared/data beside the checkout.
@@ -77,6 +79,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   add_peft_fields(c)          # Parameter-efficient fine-tuning: configs/__init__.py.
   add_parallelism_fields(c)   # Mesh, sharding rules, gradient accumulation, processes.
   add_tracking_fields(c)      # wandb_project, wandb_entity, wandb_run_name.
+  add_regularizer_fields(c)   # adversarial (fgm, pgd, freelb), r_drop_alpha, ema_decay.
   c.pooling = 'mean'          # classification: 'first' token ([CLS]/BOS) or 'mean'.
   c.d_model = 256
   c.num_heads = 4

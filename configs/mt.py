@@ -11,11 +11,13 @@ import ml_collections
 
 try:  # An installed toolkit: this folder is the package transformer_jax.configs.
   from transformer_jax.configs import (  # pylint: disable=g-import-not-at-top
-      add_parallelism_fields, add_peft_fields, add_tracking_fields)
+      add_parallelism_fields, add_peft_fields, add_regularizer_fields,
+      add_tracking_fields)
 except ImportError:  # A checkout: configs/ beside transformer_jax/.
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from configs import (  # pylint: disable=g-import-not-at-top
-      add_parallelism_fields, add_peft_fields, add_tracking_fields)
+      add_parallelism_fields, add_peft_fields, add_regularizer_fields,
+      add_tracking_fields)
 
 # Environment variable naming the folder with the raw Multi30k files
 # (train.de.gz, val.en.gz, ...). Empty: download them (needs internet).
@@ -84,6 +86,33 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   add_peft_fields(c)          # Parameter-efficient fine-tuning: configs/__init__.py.
   add_parallelism_fields(c)   # Mesh, sharding rules, gradient accumulation, processes.
   add_tracking_fields(c)      # wandb_project, wandb_entity, wandb_run_name.
+  add_regularizer_fields(c)   # adversarial (fgm, pgd, freelb), r_drop_alpha, ema_decay.
+
+  # --- Noise augmentation (transformer_jax/augment.py; training pairs only) ----
+  # Word noise of Lample et al. 2018 (section 2.3; their code's names), drawn anew for
+  # every example of every epoch from `seed`. Words are whitespace words: all pieces of
+  # a word move, drop and blank together; EOS stays last; a sentence keeps >= 1 word.
+  # Their unsupervised MT runs: shuffle 3, dropout 0.1, blank 0.2 (XLM: 0.1). All 0 = off.
+  c.noise_side = 'source'     # Which side is noised: 'source', 'target' or 'both'.
+  c.word_shuffle = 0          # Local shuffle: no word moves more than k positions; 0 = off.
+  c.word_dropout = 0.0        # Each word is removed with this probability.
+  # Each word is replaced by one blank token ('<mask>') with this probability. A new
+  # tokenizer then reserves '<mask>'; an existing one without it is an error.
+  c.word_blank = 0.0
+
+  # --- Back-translation (transformer_jax/backtranslation.py) ---------------
+  # Synthetic pairs 'source<TAB>target' (--mode=backtranslate of target-side text with
+  # a reverse model; Sennrich et al. 2016) added to the training pairs: comma-separated
+  # paths or globs, plain or .gz; '' = none. The tokenizer is trained on real pairs only.
+  c.synthetic_pairs = ''
+  # Share of synthetic pairs among the training pairs, in [0, 1): the smaller side is
+  # upsampled to it (whole copies plus a seeded sample), e.g. 0.5 = 1:1, real pairs
+  # repeated as fairseq's --upsample-primary (Edunov et al. 2018); 0 = each pair once.
+  c.synthetic_ratio = 0.0
+  # Tagged back-translation (Caswell et al. 2019): synthetic sources start with the
+  # reserved token '<BT>'. A new tokenizer reserves it; an existing one without it is
+  # an error.
+  c.synthetic_tag = False
 
   # --- Loss ---------------------------------------------------------------
   # 'cross_entropy' or a user's JAX function by import path ('my_pkg.losses:focal')

@@ -6,6 +6,7 @@ temporary folders are removed on the next start.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from absl import logging
@@ -22,15 +23,38 @@ def make_manager(workdir: str, keep: int, subdir: str = 'checkpoints'
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, subdir)), options=options)
 
 
+def _stored(state):
+  """What a checkpoint of `state` stores: a dataclass state (`train.TrainState`) as the
+  dict of its fields that are not None, so that a state without an EMA (`ema` None) is
+  stored, and restored, as before that field existed; any other pytree as it is."""
+  if dataclasses.is_dataclass(state):
+    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
+            if getattr(state, f.name) is not None}
+  return state
+
+
 def save(manager: ocp.CheckpointManager, state) -> None:
   """Saves `state` (any pytree with an integer `step`) under its step number."""
-  manager.save(int(state.step), args=ocp.args.StandardSave(state))
+  manager.save(int(state.step), args=ocp.args.StandardSave(_stored(state)))
 
 
 def restore(manager: ocp.CheckpointManager, state, step: int):
-  """Checkpoint `step` restored into the structure, dtypes and shardings of `state`."""
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  """Checkpoint `step` restored into the structure, dtypes and shardings of `state`; its
+  fields that are None stay None (and must not be in the checkpoint: `stored_fields`)."""
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _stored(state))
+  restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  return state.replace(**restored) if dataclasses.is_dataclass(state) else restored
+
+
+def stored_fields(manager: ocp.CheckpointManager, step: int) -> set[str]:
+  """The top-level names checkpoint `step` holds, e.g. {'step', 'params', 'opt_state'}
+  (and 'ema' for a run with an EMA of its parameters), read from its metadata."""
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    tree = handler.metadata(manager.directory / str(step) / 'default').tree
+  finally:
+    handler.close()
+  return set(tree.keys())
 
 
 def restore_latest(manager: ocp.CheckpointManager, state):

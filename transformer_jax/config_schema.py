@@ -198,6 +198,13 @@ SCHEMA: dict[str, tuple[Any, tuple[Callable[[Any], bool], str | Callable[[Any], 
                             f'must be at most 128 characters, none of {WANDB_PROJECT_BAD}')),
     'wandb_entity': (str, _any),
     'wandb_run_name': (str, _any),
+    # Regularizers (transformer_jax/regularizers.py)
+    'adversarial': (str, _one_of('', 'fgm', 'pgd', 'freelb')),
+    'adversarial_epsilon': (float, _positive),
+    'adversarial_steps': (int, _positive),
+    'adversarial_step_size': (float, _positive),
+    'r_drop_alpha': (float, _non_negative),
+    'ema_decay': (float, _probability),
 }
 
 # Fields of task 'translation' (transformer_jax/tasks/translation.py).
@@ -210,6 +217,10 @@ TRANSLATION_SCHEMA = {
     'max_target_length': (int, (lambda v: v >= 2, 'must be >= 2')),
     'pack_examples': (bool, _any),
     'train_fraction': (float, (lambda v: 0 < v <= 1, 'must be in (0, 1]')),
+    # Back-translation: synthetic pairs mixed into training (transformer_jax/backtranslation.py).
+    'synthetic_pairs': (str, _any),
+    'synthetic_ratio': (float, _probability),
+    'synthetic_tag': (bool, _any),
     'num_decoder_layers': (int, _positive),
     'share_embeddings': (bool, _any),
     'decoding': (str, _one_of('beam', 'greedy', 'sample')),
@@ -223,6 +234,11 @@ TRANSLATION_SCHEMA = {
     'decode_batch_tokens': (int, _positive),
     'bleu_every_steps': (int, _non_negative),
     'spm_byte_fallback': (bool, _any),  # New tokenizers only (tokenizer.train).
+    # Noise augmentation of the training pairs (transformer_jax/augment.py).
+    'noise_side': (str, _one_of('source', 'target', 'both')),
+    'word_shuffle': (int, _non_negative),
+    'word_dropout': (float, _probability),
+    'word_blank': (float, _probability),
 }
 
 _labels = (lambda v: all(isinstance(x, str) and x for x in v) and len(set(v)) == len(v),
@@ -255,12 +271,18 @@ PRETRAINING_SCHEMA = {
     'num_sentinels': (int, _non_negative),
 }
 
+# Translation fields that change the parallel training pairs (noise, back-translation):
+# the denoising tasks, which read monolingual text, do not have them.
+AUGMENTATION_FIELDS = ('noise_side', 'word_shuffle', 'word_dropout', 'word_blank',
+                       'synthetic_pairs', 'synthetic_ratio', 'synthetic_tag')
+
 # Fields of 'span_corruption' and 'text_infilling' (tasks/denoising.py): the translation
 # model and decoding fields, without the parallel data.
 DENOISING_SCHEMA = {
     **{k: v for k, v in TRANSLATION_SCHEMA.items()
        if k not in ('dataset_name', 'tfds_data_dir', 'source_lang', 'target_lang',
-                    'pack_examples', 'train_fraction', 'bleu_every_steps')},
+                    'pack_examples', 'train_fraction', 'bleu_every_steps',
+                    *AUGMENTATION_FIELDS)},
     **PRETRAINING_SCHEMA,
     'noise_density': (float, _density),
     'mean_noise_span_length': (float, (lambda v: v >= 1, 'must be >= 1')),
@@ -421,12 +443,16 @@ RESUME_FIXED_FIELDS = (
     'train_files', 'train_weights', 'truncate', 'max_source_length', 'max_target_length',
     'max_length', 'max_tokens_per_batch', 'length_bucket_step', 'pack_examples',
     'shuffle_buffer_size', 'seed',
+    # Back-translated pairs mixed into the training pairs.
+    'synthetic_pairs', 'synthetic_ratio', 'synthetic_tag',
     # Labels of the encoder tasks, and how they are read.
     'num_labels', 'labels', 'labels_file', 'text_column', 'label_column', 'tag_column',
     'repair_iob',
     # Noising of the pretraining objectives.
     'noise_density', 'mean_noise_span_length', 'mask_ratio', 'poisson_lambda', 'mask_prob',
     'whole_word_masking',
+    # Noise augmentation of translation pairs (a different noise, other batches).
+    'noise_side', 'word_shuffle', 'word_dropout', 'word_blank',
     # The tokenizer.
     'vocab_size', 'spm_model_type', 'spm_max_sentences', 'spm_character_coverage',
     'num_sentinels',
@@ -441,6 +467,9 @@ RESUME_FIXED_FIELDS = (
     # The optimizer (its state in the checkpoint) and its schedule.
     'optimizer', 'learning_rate', 'warmup_steps', 'schedule', 'adam_b1', 'adam_b2',
     'adam_eps', 'momentum', 'nesterov', 'weight_decay', 'max_grad_norm',
+    # Regularizers: the objective (adversarial, R-Drop) and the EMA kept in the checkpoint.
+    'adversarial', 'adversarial_epsilon', 'adversarial_steps', 'adversarial_step_size',
+    'r_drop_alpha', 'ema_decay',
 )
 RESUME_FREE_FIELDS = (
     # How long the run goes, and the cadences (`train.cadence`).

@@ -20,14 +20,16 @@ in one of two ways:
              segment ids and per-pair positions in the batch (`PACKING_KEYS`), as in the
              Flax WMT example: one compiled shape, and on Multi30k about 90% of the
              computed target positions are real tokens instead of about 76%.
-The pipeline is deterministic for a given seed, and `skip` resumes it at any step.
+The pipeline is deterministic for a given seed, and `skip` resumes it at any step. An
+optional per-example `transform` of the training stream (e.g. the word noise of
+`transformer_jax.augment`) runs before batching, deterministically too.
 """
 from __future__ import annotations
 
 import itertools
 import math
 import os
-from typing import Iterator
+from typing import Callable, Iterator
 
 from absl import logging
 import numpy as np
@@ -45,6 +47,11 @@ _BUCKET_QUANTUM = 8  # Bucket lengths are multiples of this many tokens.
 # them as keyword arguments.
 PACKING_KEYS = ('inputs_segmentation', 'targets_segmentation', 'inputs_position',
                 'targets_position')
+# A transform of training examples (`Batcher.train`), called on groups of them:
+# (positions int64 [n] in the endless training stream, {name: n arrays}) -> {name: n arrays}.
+Transform = Callable[[np.ndarray, dict], dict]
+# Examples per call of a transform.
+TRANSFORM_GROUP = 256
 
 
 def tfds_dir(config, workdir: str) -> str:
@@ -160,7 +167,7 @@ def bucket_batch_sizes(lengths: list[int], max_tokens: int, num_devices: int) ->
 
 
 def pack_pairs(sources: list[np.ndarray], targets: list[np.ndarray], order: Iterator[int],
-               rows: int, length: int) -> Iterator[dict]:
+               rows: int, length: int, transform: Transform | None = None) -> Iterator[dict]:
   """Packs pairs, taken in `order`, into batches of `rows` rows of `length` tokens a side.
 
   Greedy first fit: a pair goes into the first row of the current batch where both of
@@ -170,6 +177,9 @@ def pack_pairs(sources: list[np.ndarray], targets: list[np.ndarray], order: Iter
     sources, targets: int32 [<= length] token ids per pair (EOS included).
     order: pair indices (an endless stream for training).
     rows, length: the batch shape [rows, length].
+    transform: applied to the pairs before they are packed, TRANSFORM_GROUP at a time:
+      `transform(j, {'inputs': sources, 'targets': targets})` with j the positions of
+      the pairs in `order` (0, 1, ...); see `Batcher.train`.
 
   Yields:
     dicts of int32 [rows, length]: 'inputs', 'targets' (0-padded), and PACKING_KEYS:
@@ -177,7 +187,7 @@ def pack_pairs(sources: list[np.ndarray], targets: list[np.ndarray], order: Iter
     (0, 1, ... within each pair, 0 on padding).
 
   Raises:
-    ValueError: a pair longer than `length` on either side.
+    ValueError: a pair longer than `length` on either side (after `transform`).
   """
   def new_batch():
     return np.zeros(rows, np.int64), np.zeros(rows, np.int64), [[] for _ in range(rows)]
@@ -186,8 +196,7 @@ def pack_pairs(sources: list[np.ndarray], targets: list[np.ndarray], order: Iter
     batch = {k: np.zeros((rows, length), np.int32) for k in ('inputs', 'targets',
                                                              *PACKING_KEYS)}
     for r, pairs in enumerate(contents):
-      for side, seqs in (('inputs', [sources[i] for i in pairs]),
-                         ('targets', [targets[i] for i in pairs])):
+      for side, seqs in (('inputs', [p[0] for p in pairs]), ('targets', [p[1] for p in pairs])):
         start = 0
         for segment, seq in enumerate(seqs, 1):
           end = start + len(seq)
@@ -197,9 +206,20 @@ def pack_pairs(sources: list[np.ndarray], targets: list[np.ndarray], order: Iter
           start = end
     return batch
 
+  def pairs():  # (index, source, target) in `order`, transformed.
+    if transform is None:
+      yield from ((i, sources[i], targets[i]) for i in order)
+      return
+    stream = enumerate(order)
+    while group := list(itertools.islice(stream, TRANSFORM_GROUP)):
+      positions, indices = (np.array(x, np.int64) for x in zip(*group))
+      out = transform(positions, {'inputs': [sources[i] for i in indices],
+                                  'targets': [targets[i] for i in indices]})
+      yield from zip(indices, out['inputs'], out['targets'])
+
   used_src, used_tgt, contents = new_batch()
-  for i in order:
-    n_src, n_tgt = len(sources[i]), len(targets[i])
+  for i, *pair in pairs():
+    n_src, n_tgt = len(pair[0]), len(pair[1])
     if n_src > length or n_tgt > length:
       raise ValueError(f'pair {i} has {n_src}/{n_tgt} tokens, more than the row '
                        f'length {length}')
@@ -210,7 +230,7 @@ def pack_pairs(sources: list[np.ndarray], targets: list[np.ndarray], order: Iter
       fits = [0]
     used_src[fits[0]] += n_src
     used_tgt[fits[0]] += n_tgt
-    contents[fits[0]].append(i)
+    contents[fits[0]].append(pair)
   if any(contents):
     yield emit(contents)
 
@@ -241,6 +261,52 @@ def _bucket(ds: tf.data.Dataset, lengths: list[int], batch_sizes: list[int],
       pad_to_bucket_boundary=True, drop_remainder=drop_remainder)
 
 
+def _map_transform(ds: tf.data.Dataset, transform: Transform) -> tf.data.Dataset:
+  """`ds` (per-example dicts of 1-D sequences or fixed-shape values) with `transform`
+  (`Batcher.train`) applied to groups of TRANSFORM_GROUP consecutive examples, in a
+  `tf.numpy_function`; the order is kept."""
+  spec = ds.element_spec
+  keys = sorted(spec)
+  ragged = {k: spec[k].shape.rank == 1 and spec[k].shape[0] is None for k in keys}
+
+  def call(positions, *columns):
+    columns = iter(columns)
+    examples = {}
+    for k in keys:  # A ragged column comes as (values, row lengths).
+      examples[k] = (np.split(next(columns), np.cumsum(next(columns))[:-1]) if ragged[k]
+                     else list(next(columns)))
+    out = transform(positions, examples)
+    flat = []
+    for k in keys:
+      dtype = spec[k].dtype.as_numpy_dtype
+      if ragged[k]:
+        flat += [np.concatenate([np.asarray(v, dtype).reshape(-1) for v in out[k]]),
+                 np.array([np.size(v) for v in out[k]], np.int64)]
+      else:
+        flat.append(np.stack([np.asarray(v, dtype) for v in out[k]]))
+    return flat
+
+  def apply(positions, group):
+    columns = [t for k in keys for t in ((group[k].flat_values, group[k].row_lengths())
+                                          if ragged[k] else (group[k],))]
+    types = [t for k in keys for t in ((spec[k].dtype, tf.int64) if ragged[k]
+                                        else (spec[k].dtype,))]
+    flat = iter(tf.numpy_function(call, [positions, *columns], types, stateful=False))
+    out = {}
+    for k in keys:
+      if ragged[k]:
+        out[k] = tf.RaggedTensor.from_row_lengths(tf.ensure_shape(next(flat), [None]),
+                                                  tf.ensure_shape(next(flat), [None]))
+      else:
+        out[k] = tf.ensure_shape(next(flat), [None, *spec[k].shape])
+    return out
+
+  ds = ds.enumerate().ragged_batch(TRANSFORM_GROUP)
+  ds = ds.map(apply, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
+  # Rows of a ragged tensor come out as ragged-rank-0 values; make them plain tensors.
+  return ds.map(lambda x: {k: tf.convert_to_tensor(v) for k, v in x.items()})
+
+
 def _options() -> tf.data.Options:
   options = tf.data.Options()
   options.deterministic = True
@@ -268,7 +334,7 @@ class Batcher:
     self.max_length = max_length
 
   def train(self, features: dict, seed: int, shuffle_buffer_size: int,
-            skip: int = 0) -> tf.data.Dataset:
+            skip: int = 0, transform: Transform | None = None) -> tf.data.Dataset:
     """Endless, shuffled (reshuffled each epoch, deterministically from `seed`) batches,
     starting after the first `skip` batches.
 
@@ -276,11 +342,24 @@ class Batcher:
     example}, e.g. {'inputs': sources, 'targets': targets} (packing uses just these
     two) or {'inputs': ids, 'labels': int32 [N], 'weights': float32 [N]}. Sequences
     are padded with 0 to their bucket's length.
+
+    `transform` (e.g. `augment.WordNoise`), if given, changes the examples before they
+    are batched, TRANSFORM_GROUP consecutive ones per call: `transform(positions,
+    examples)` gets their positions (int64 [n]: 0, 1, ... along the endless shuffled
+    stream, so each epoch has new ones) and {name: list of n NumPy arrays} (one per
+    example, as in `features`), and returns the same names with n arrays each, of the
+    same dtypes; sequences may change length but must stay within the batcher's max
+    length. Example i of the result must depend only on positions[i] and example i:
+    then the grouping does not matter and a run resumed with `skip` sees the batches
+    an uninterrupted one does. Bucketed batches apply it in a `tf.data` map
+    (`tf.numpy_function`, order kept), packed ones before packing (`pack_pairs`).
     """
     if self.pack:
-      return self._packed(features['inputs'], features['targets'], seed, skip)
+      return self._packed(features['inputs'], features['targets'], seed, skip, transform)
     ds = _to_dataset(features)
     ds = ds.shuffle(shuffle_buffer_size, seed=seed, reshuffle_each_iteration=True).repeat()
+    if transform is not None:
+      ds = _map_transform(ds, transform)
     ds = _bucket(ds, self.lengths, self.batch_sizes, drop_remainder=True)
     return ds.skip(skip).prefetch(tf.data.AUTOTUNE).with_options(_options())
 
@@ -299,7 +378,8 @@ class Batcher:
     ds = _bucket(ds, self.lengths, self.batch_sizes, drop_remainder=True)
     return ds.skip(skip).prefetch(tf.data.AUTOTUNE).with_options(_options())
 
-  def _packed(self, sources, targets, seed: int, skip: int) -> tf.data.Dataset:
+  def _packed(self, sources, targets, seed: int, skip: int,
+              transform: Transform | None = None) -> tf.data.Dataset:
     # A full shuffle per epoch (seeded by (seed, epoch)); packing runs across epochs.
     def order():
       for epoch in itertools.count():
@@ -307,7 +387,7 @@ class Batcher:
 
     def batches():
       return itertools.islice(pack_pairs(sources, targets, order(), self.packed_rows,
-                                         self.max_length), skip, None)
+                                         self.max_length, transform), skip, None)
 
     spec = tf.TensorSpec([self.packed_rows, self.max_length], tf.int32)
     ds = tf.data.Dataset.from_generator(

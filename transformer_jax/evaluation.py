@@ -4,7 +4,9 @@ Both set the run's task up from its workdir (tokenizer, model shape) and load a
 checkpoint: the best by the task's metric (`best`, falling back to the latest when the
 metric was never computed), the latest (`latest`), or the average of the parameters of
 the last k checkpoints (`config.average_checkpoints` = k > 1; Vaswani et al. 2017,
-section 6.1), accumulated in float32 (`average_params`).
+section 6.1), accumulated in float32 (`average_params`). A run that kept an exponential
+moving average of its parameters (`config.ema_decay` > 0) is used through its EMA, as its
+own evaluations were (`train.TrainState.eval_params`; averaging averages the EMAs).
 """
 from __future__ import annotations
 
@@ -33,6 +35,9 @@ def load_task(config, workdir: str, checkpoint: str = 'best') -> tuple[tasks.Tas
   `config.init_from` (by default the one recorded in adapter_config.json), checked against
   the recorded fingerprint, and the adapter of the checkpoint.
 
+  A checkpoint that holds an EMA of the parameters (`config.ema_decay` > 0 in training)
+  gives the EMA (`train.TrainState.eval_params`), whatever `config.ema_decay` says now.
+
   Raises:
     FileNotFoundError: the workdir has no tokenizer or no checkpoint.
     config_schema.ConfigError: a model field differs from the trained model's.
@@ -56,13 +61,20 @@ def load_task(config, workdir: str, checkpoint: str = 'best') -> tuple[tasks.Tas
     view = adapter.view
   latest = checkpoints.make_manager(workdir, config.keep_checkpoints)
   best = checkpoints.make_manager(workdir, 1, subdir='best')
+
+  def restore(manager, step: int) -> Any:  # The EMA when the checkpoint has one.
+    has_ema = 'ema' in checkpoints.stored_fields(manager, step)
+    if has_ema:
+      logging.info('%s/%d holds an EMA of the parameters: using it', manager.directory, step)
+    like = state.replace(ema=state.params if has_ema else None)
+    return checkpoints.restore(manager, like, step).eval_params
+
   try:
     if config.average_checkpoints > 1:
       steps = latest.all_steps()[-config.average_checkpoints:]
       if not steps:
         raise FileNotFoundError(f'{latest.directory}: no checkpoints')
-      averaged = average_params([checkpoints.restore(latest, state, s).params
-                                 for s in steps])
+      averaged = average_params([restore(latest, s) for s in steps])
       if len(steps) < config.average_checkpoints:
         logging.warning('Averaging %d checkpoints, fewer than the %d asked for', len(steps),
                         config.average_checkpoints)
@@ -73,7 +85,7 @@ def load_task(config, workdir: str, checkpoint: str = 'best') -> tuple[tasks.Tas
     step = manager.latest_step()
     if step is None:
       raise FileNotFoundError(f'{latest.directory}: no checkpoints')
-    return task, view(checkpoints.restore(manager, state, step).params), f'{prefix}step{step}'
+    return task, view(restore(manager, step)), f'{prefix}step{step}'
   finally:
     latest.close()
     best.close()

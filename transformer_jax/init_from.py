@@ -234,8 +234,10 @@ def adapter_hint(run_dir: str) -> str:
 
 
 def restore_params(checkpoint: str) -> dict[str, np.ndarray]:
-  """The 'params' of a checkpoint folder written by `checkpoints.save` (any model, any
-  optimizer), as {name: host numpy array}, read without building the rest of the state.
+  """The parameters of a checkpoint folder written by `checkpoints.save` (any model, any
+  optimizer), as {name: host numpy array}, read without building the rest of the state:
+  its 'ema' (the moving average of a run with `config.ema_decay`, the parameters that run
+  evaluated with) when it has one, else its 'params'.
 
   Raises:
     InitError: the checkpoint holds no 'params'.
@@ -249,12 +251,16 @@ def restore_params(checkpoint: str) -> dict[str, np.ndarray]:
   if not isinstance(tree, dict) or 'params' not in tree:
     raise InitError(f'{checkpoint}: the checkpoint holds no params (not written by '
                     'transformer_jax?)')
-  wanted = {'params': tree['params']}
+  key = 'ema' if isinstance(tree.get('ema'), dict) else 'params'
+  if key == 'ema':
+    logging.info('%s: loading the EMA of the parameters (the run had ema_decay > 0)',
+                 checkpoint)
+  wanted = {key: tree[key]}
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
   with ocp.PyTreeCheckpointer() as checkpointer:
     restored = checkpointer.restore(item, args=ocp.args.PyTreeRestore(
         item=wanted, restore_args=restore_args, partial_restore=True))
-  return {name: np.asarray(value) for name, value in flatten(restored['params'])[0].items()}
+  return {name: np.asarray(value) for name, value in flatten(restored[key])[0].items()}
 
 
 def _load_hf(folder: str) -> Source:

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from transformer_jax import regularizers
 from transformer_jax.config_schema import ConfigError
 from transformer_jax.tokenizer import BOS_ID, PAD_ID
 
@@ -152,11 +153,21 @@ def get_loss(config) -> LossFn:
 
   'cross_entropy' is bound to `config.label_smoothing` and, when `config.task` is one of
   `VOCABULARY_TASKS`, to no_smoothing_ids=(PAD_ID, BOS_ID): no smoothing mass on ids that
-  are never targets.
+  are never targets. With `config.r_drop_alpha` > 0 the loss is wrapped by
+  `regularizers.r_drop_loss_fn`, which adds R-Drop's KL term when the trainer's
+  `regularizers.r_drop_loss` runs it on a doubled batch (elsewhere it is the loss itself).
 
   Raises:
     ConfigError: the name is neither, or the import path cannot be imported.
   """
+  loss_fn = _resolve(config)
+  if config.get('r_drop_alpha', 0.0) > 0:  # R-Drop's KL term (transformer_jax/regularizers.py).
+    loss_fn = regularizers.r_drop_loss_fn(loss_fn, config.r_drop_alpha)
+  return loss_fn
+
+
+def _resolve(config) -> LossFn:
+  """`get_loss` without R-Drop."""
   name = config.loss
   if name == 'cross_entropy':
     never = NEVER_TARGETS if config.get('task') in VOCABULARY_TASKS else ()

@@ -6,6 +6,8 @@ tagging).
   python -m transformer_jax.main --config=configs/mt.py --workdir=DIR --mode=predict \
       [--input=FILE] [--output=FILE]                                             # stdin/stdout
   python -m transformer_jax.main --config=C --workdir=ADAPTER_RUN --mode=merge --output=DIR
+  python -m transformer_jax.main --config=configs/multi30k_en_de.py --workdir=REVERSE_RUN \
+      --mode=backtranslate --input='mono/train.*.en.gz' --output=synthetic.tsv
 
 A PEFT run's workdir (`config.peft_method`) holds only its adapter; eval, predict and
 merge reload the base it records in adapter_config.json and refuse a different one.
@@ -24,6 +26,7 @@ with the same --workdir resumes from its latest checkpoint. A bad flag or config
 stops with one line naming it, before anything heavy is imported or any file is written.
 """
 import contextlib
+import glob
 import io
 import os
 import re
@@ -51,23 +54,29 @@ config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Config file (path[:v
                                 'configs/NAME.py is found in the installed package too.',
                                 lock_config=True)
 flags.DEFINE_enum('mode', 'train',
-                  ['train', 'eval', 'predict', 'translate', 'merge', 'export', 'plot'],
+                  ['train', 'eval', 'predict', 'translate', 'backtranslate', 'merge', 'export',
+                   'plot'],
                   'train; eval: score a checkpoint on --split and print the report; predict '
                   '(translate): one output line per line of --input, written to --output; '
                   'merge: fold a LoRA/IA3 run\'s adapter into its base, written as a plain '
                   'run folder to --output; export: write a translation model as a jax.export '
                   '(StableHLO) artifact folder to --output (transformer_jax/serving.py loads '
-                  'it); plot: PNG curves of --workdir (and --compare) in --output.')
+                  'it); plot: PNG curves of --workdir (and --compare) in --output; '
+                  'backtranslate: synthetic pairs "translation<TAB>line" of the monolingual '
+                  '--input lines, written (resumably) to --output '
+                  '(transformer_jax/backtranslation.py).')
 flags.DEFINE_string('split', None, 'eval: the split to score (default: config.test_split).')
 flags.DEFINE_string('input', None, 'predict: input lines: sentences to translate or classify, '
-                    'or whitespace-separated words to tag (default: stdin).')
+                    'or whitespace-separated words to tag (default: stdin); backtranslate: '
+                    'monolingual text files, comma-separated paths or globs, plain or .gz.')
 flags.DEFINE_string('output', None, 'predict: where the outputs go (default: stdout); '
                     'merge, export: the folder to write (required); plot: the folder of the '
-                    'PNG files (default: WORKDIR/plots).')
+                    'PNG files (default: WORKDIR/plots); backtranslate: the file of synthetic '
+                    'pairs (required; a rerun continues it).')
 flags.DEFINE_list('compare', [], 'plot: more workdirs drawn on the same figures.')
 flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'],
-                  "eval/predict/merge/export: the best checkpoint by the task's validation "
-                  'metric, or the latest.')
+                  "eval/predict/backtranslate/merge/export: the best checkpoint by the task's "
+                  'validation metric, or the latest.')
 
 
 SHARED_DATA_ENV = 'TRANSFORMER_JAX_SHARED_DATA'  # As configs/encoder.py reads it.
@@ -151,8 +160,16 @@ def main(argv):
 
   if FLAGS.mode != 'train' and not os.path.isdir(workdir):
     sys.exit(f'error: --workdir={workdir}: no such folder (train a model there first)')
-  if FLAGS.mode == 'translate' and config.task != 'translation':
-    sys.exit(f'error: --mode=translate: the task is {config.task!r}; use --mode=predict')
+  if FLAGS.mode in ('translate', 'backtranslate') and config.task != 'translation':
+    sys.exit(f'error: --mode={FLAGS.mode}: the task is {config.task!r}; it needs a '
+             'translation model' + ('; use --mode=predict' if FLAGS.mode == 'translate' else ''))
+  if FLAGS.mode == 'backtranslate':
+    if not FLAGS.input or not FLAGS.output:
+      sys.exit('error: --mode=backtranslate needs --input=FILE[,FILE...] (monolingual text of '
+               'the target language, globs allowed) and --output=FILE (the synthetic pairs)')
+    for pattern in (p.strip() for p in FLAGS.input.split(',') if p.strip()):
+      if not glob.glob(os.path.expanduser(pattern)):
+        sys.exit(f'error: --input: {pattern}: no such file')
   if (config.get('dataset_name', 'text') in ('multi30k', 'text') and config.data_dir
       and not os.path.isdir(config.data_dir)):
     hint = (f' (or set ${SHARED_DATA_ENV} to the folder holding sst2/ and germeval2014/)'
@@ -169,7 +186,7 @@ def main(argv):
     except FileNotFoundError as e:
       sys.exit(f'error: {e}')
     return
-  if FLAGS.input and not os.path.isfile(FLAGS.input):
+  if FLAGS.input and FLAGS.mode != 'backtranslate' and not os.path.isfile(FLAGS.input):
     sys.exit(f'error: --input={FLAGS.input}: no such file')
   # The console shows warnings and errors (train mode sends INFO to train.log), also while
   # JAX looks for its backends (an INFO line per platform it does not find).
@@ -198,6 +215,10 @@ def main(argv):
     elif FLAGS.mode == 'export':
       from transformer_jax import export
       export.run_export(config, workdir, FLAGS.output, FLAGS.checkpoint)
+    elif FLAGS.mode == 'backtranslate':
+      from transformer_jax import backtranslation
+      backtranslation.run_backtranslate(config, workdir, FLAGS.input, FLAGS.output,
+                                        FLAGS.checkpoint)
     else:
       translate.INPUT_NAME = f'--input={FLAGS.input}' if FLAGS.input else 'stdin'
       with contextlib.ExitStack() as files:
@@ -214,6 +235,9 @@ def main(argv):
     if FLAGS.mode == 'train':
       print(f'interrupted: rerun with --workdir={workdir} to resume from its latest '
             'checkpoint', file=sys.stderr)
+    elif FLAGS.mode == 'backtranslate':
+      print(f'interrupted: rerun the same command to continue {FLAGS.output} after its last '
+            'complete line', file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     # Checkpoints are complete (train waits for them). Skip the interpreter's teardown:

@@ -55,6 +55,10 @@ UNK_ID = 3
 # ids right after UNK_ID and are never produced by encoding typed text.
 MASK = '<mask>'
 SENTINEL = '<extra_id_{}>'
+# Tagged back-translation (Caswell et al. 2019; `transformer_jax.backtranslation`): the
+# first source token of synthetic pairs, a control symbol reserved by a translation
+# tokenizer trained with config.synthetic_tag (one id; typed '<BT>' never encodes to it).
+BT_TAG = '<BT>'
 
 
 # A corpus (or translate input) with more unknown pieces than this fraction gets a warning.

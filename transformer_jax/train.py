@@ -42,6 +42,7 @@ from transformer_jax import models
 from transformer_jax import multihost
 from transformer_jax import optim
 from transformer_jax import peft
+from transformer_jax import regularizers
 from transformer_jax import sharding
 from transformer_jax import tasks
 from transformer_jax import tracking
@@ -50,10 +51,20 @@ from transformer_jax import tracking
 @flax.struct.dataclass
 class TrainState:
   """Everything a checkpoint holds. The dropout rng is derived from (seed, step), and
-  the data position equals `step`, so (step, params, opt_state) restores a run exactly."""
+  the data position equals `step`, so (step, params, opt_state, ema) restores a run exactly.
+  `ema` is the moving average of `params` (`config.ema_decay` > 0,
+  `regularizers.ema_update`), else None, which checkpoints do not store
+  (`checkpoints.save`): a run without it writes and reads what it did before the field."""
   step: jax.Array
   params: Any
   opt_state: Any
+  ema: Any = None
+
+  @property
+  def eval_params(self) -> Any:
+    """What evaluation, the best checkpoint's test, eval, predict and export use: the EMA
+    when the run keeps one, else the parameters."""
+    return self.params if self.ema is None else self.ema
 
 
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
@@ -77,7 +88,8 @@ LOSS_WEIGHT_KEYS = ('num_tokens', 'num_examples')
 
 def train_step(state: TrainState, batch: dict, frozen: Any = None, *, loss_fn: LossFn,
                optimizer: optax.GradientTransformation, schedule: Callable,
-               seed: int, grad_accum_steps: int = 1) -> tuple[TrainState, dict]:
+               seed: int, grad_accum_steps: int = 1,
+               ema_decay: float = 0.0) -> tuple[TrainState, dict]:
   """One optimizer update on a batch, its gradient computed whole or in micro-batches.
 
   With grad_accum_steps = k > 1 the batch is split into k micro-batches of B / k rows
@@ -103,6 +115,8 @@ def train_step(state: TrainState, batch: dict, frozen: Any = None, *, loss_fn: L
       with k > 1 that of its micro-batch i is fold_in(fold_in(PRNGKey(seed), step), i).
     grad_accum_steps: k >= 1, micro-batches per update (`config.grad_accum_steps`);
       1 computes the gradient of the whole batch at once.
+    ema_decay: d in [0, 1) (`config.ema_decay`): > 0 updates `state.ema`, the moving
+      average of the updated parameters (`regularizers.ema_update`); 0 leaves it as it is.
 
   Returns:
     The new state and scalar metrics: the loss function's, plus 'loss', 'grad_norm'
@@ -115,7 +129,8 @@ def train_step(state: TrainState, batch: dict, frozen: Any = None, *, loss_fn: L
     ValueError: (when traced) a floating parameter narrower than float32: small
       updates round away in bfloat16 and adam_eps underflows in float16
       (`optim.MASTER_DTYPE`; `create_state` makes float32 master weights); k < 1, batch
-      arrays without one common leading size B, or B not divisible by k.
+      arrays without one common leading size B, or B not divisible by k; ema_decay > 0
+      with a state without an EMA.
   """
   low = optim.low_precision_leaves(state.params)
   if low:
@@ -125,16 +140,23 @@ def train_step(state: TrainState, batch: dict, frozen: Any = None, *, loss_fn: L
   dropout_rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
   objective = loss_fn if frozen is None else (
       lambda trainable, *args: loss_fn(peft.Params(frozen, trainable), *args))
+  if ema_decay and state.ema is None:
+    raise ValueError(f'train_step: ema_decay={ema_decay} needs a state with an EMA '
+                     '(create_state with config.ema_decay > 0)')
   if grad_accum_steps != 1:
-    return _accumulated_step(state, batch, objective, dropout_rng, grad_accum_steps,
-                             optimizer=optimizer, schedule=schedule)
-  (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(
-      state.params, batch, dropout_rng)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  metrics = {**metrics, 'loss': loss, 'grad_norm': optax.global_norm(grads),
-             'learning_rate': schedule(state.step)}
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    new, metrics = _accumulated_step(state, batch, objective, dropout_rng, grad_accum_steps,
+                                     optimizer=optimizer, schedule=schedule)
+  else:
+    (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(
+        state.params, batch, dropout_rng)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {**metrics, 'loss': loss, 'grad_norm': optax.global_norm(grads),
+               'learning_rate': schedule(state.step)}
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  if ema_decay:
+    new = new.replace(ema=regularizers.ema_update(state.ema, new.params, ema_decay, new.step))
+  return new, metrics
 
 
 def _loss_weight(metrics: dict) -> jax.Array:
@@ -246,6 +268,9 @@ def create_state(task: tasks.Task, optimizer: optax.GradientTransformation, seed
   the adapter's trainable tree (initialized with fold_in(PRNGKey(seed), 1)): its copies of
   base parameters (`peft_modules_to_save`) sharded like them, the method's own small
   parameters replicated.
+
+  With `task.config.ema_decay` > 0 the state's `ema` starts as a copy of its parameters
+  (the trainable tree of a PEFT run), sharded like them.
   """
   rng = jax.random.PRNGKey(seed)
   with models.axis_names():
@@ -270,9 +295,14 @@ def create_state(task: tasks.Task, optimizer: optax.GradientTransformation, seed
   opt_shardings = sharding.like_params(jax.eval_shape(optimizer.init, params), params,
                                        param_shardings, mesh)
   replicated = sharding.replicated(mesh)
+  ema = None
+  if task.config.get('ema_decay', 0.0) > 0:
+    ema = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings_of(params))(
+        params)
   return TrainState(step=jax.device_put(jnp.array(0, jnp.int32), replicated),
                     params=params,
-                    opt_state=jax.jit(optimizer.init, out_shardings=opt_shardings)(params))
+                    opt_state=jax.jit(optimizer.init, out_shardings=opt_shardings)(params),
+                    ema=ema)
 
 
 def shardings_of(tree: Any) -> Any:
@@ -290,7 +320,8 @@ def jit_train_step(config, loss_fn: LossFn, optimizer: optax.GradientTransformat
   return sharding.jit(
       functools.partial(train_step, loss_fn=loss_fn, optimizer=optimizer,
                         schedule=optim.learning_rate_schedule(config), seed=config.seed,
-                        grad_accum_steps=config.get('grad_accum_steps', 1)),
+                        grad_accum_steps=config.get('grad_accum_steps', 1),
+                        ema_decay=config.get('ema_decay', 0.0)),
       mesh, sharding.config_rules(config),
       in_shardings=(state_shardings, sharding.batch_sharding(mesh), shardings_of(frozen)),
       out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
@@ -697,7 +728,9 @@ def _train(config, workdir: str, on_exit: contextlib.ExitStack) -> TrainState:
   start_step = int(state.step)
   best = BestCheckpoint(workdir, task.best_metric, task.best_mode)
 
-  p_train_step = jit_train_step(config, task.loss, optimizer, mesh, state, frozen)
+  regularizers.log(config)  # Adversarial training, R-Drop, EMA: regularizers.py.
+  p_train_step = jit_train_step(config, regularizers.wrap(config, task.loss), optimizer,
+                                mesh, state, frozen)
 
   train_iter = task.train_batches(config.seed, skip=start_step)
   primary = multihost.is_primary()  # Process 0 logs, writes TensorBoard, shows the bar.
@@ -750,7 +783,7 @@ def _train(config, workdir: str, on_exit: contextlib.ExitStack) -> TrainState:
       if 'eval' in events:
         interrupt.abandonable = True  # A first Ctrl-C abandons the evaluation.
         try:
-          result, report = task.evaluate(view(state.params), step, 'last' in events)
+          result, report = task.evaluate(view(state.eval_params), step, 'last' in events)
         finally:
           interrupt.abandonable = False
         improved = task.best_metric in result and best.update(state, result[task.best_metric])
@@ -798,9 +831,10 @@ def _train(config, workdir: str, on_exit: contextlib.ExitStack) -> TrainState:
     manager.close()
 
   if config.test_split:
-    params, name = state.params, f'step{int(state.step)}'
+    params, name = state.eval_params, f'step{int(state.step)}'
     if best.step >= 0:
-      params, name = checkpoints.restore_latest(best.manager, state).params, f'best-step{best.step}'
+      params = checkpoints.restore_latest(best.manager, state).eval_params
+      name = f'best-step{best.step}'
     result, report = task.test(view(params), config.test_split, name)
     if primary:
       print(report)

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from transformer_jax import augment
+from transformer_jax import backtranslation
 from transformer_jax import config_schema
 from transformer_jax import data
 from transformer_jax import flops
@@ -128,9 +130,18 @@ class TranslationTask(base.Task):
       # Read up front: a bad test split stops the run before training, not after it.
       self.test_text = (data.load_pairs(cfg, cfg.test_split, workdir)
                         if cfg.test_split else None)
-      self.sp = tokenizer.load_or_train(cfg, workdir, train_src + train_tgt)
+      # Word blanking (augment) needs a '<mask>' symbol, tagged back-translation '<BT>': a
+      # new tokenizer reserves them then. It is trained on the real pairs only.
+      self.sp = tokenizer.load_or_train(cfg, workdir, train_src + train_tgt,
+                                        augment.reserved_symbols(cfg)
+                                        + backtranslation.reserved_symbols(cfg))
+      # A tokenizer without '<mask>' for word_blank stops the run here, not after the model.
+      augment.WordNoise.from_config(cfg, self.sp, cfg.seed)
       self.train_src, self.train_tgt = data.tokenize_pairs(self.sp, train_src, train_tgt, cfg,
                                                            f'split {cfg.train_split!r}')
+      # Back-translated pairs (config.synthetic_pairs, synthetic_ratio, synthetic_tag).
+      self.train_src, self.train_tgt = backtranslation.add_synthetic(
+          cfg, self.sp, self.train_src, self.train_tgt)
       eval_src, eval_tgt = data.tokenize_pairs(self.sp, *self.eval_text, cfg,
                                                f'split {cfg.eval_split!r}')
     else:
@@ -167,8 +178,11 @@ class TranslationTask(base.Task):
     return f'Transformer encoder-decoder, vocab {self.sp.vocab_size()}'
 
   def train_batches(self, seed: int, skip: int):
+    # Noise augmentation (config.word_shuffle, word_dropout, word_blank; None when off).
+    noise = augment.from_config_logged(self.config, self.sp, seed)
     return self.batcher.train({'inputs': self.train_src, 'targets': self.train_tgt}, seed,
-                              self.config.shuffle_buffer_size, skip=skip).as_numpy_iterator()
+                              self.config.shuffle_buffer_size, skip=skip,
+                              transform=noise).as_numpy_iterator()
 
   def loss(self, params, batch, dropout_rng):
     return seq2seq_loss(params, batch, dropout_rng, model=self.model, loss_fn=self._loss_fn)
