@@ -32,7 +32,7 @@ source words, scored like the clean test set (same split reader, same normalizat
 
 (the eval mode reads the split's pairs `{data_dir}/{split}.{de,en}.gz`, translates the
 sources with the best checkpoint and prints BLEU, chrF and their signatures; the
-hypotheses go to RUN/translations/test_typos-best.txt). With plain sacreBLEU instead:
+hypotheses go to RUN/translations/test_typos-best-stepN.txt). With plain sacreBLEU instead:
 
   python benchmarks/typos.py --input=../shared/data/multi30k/test_2016_flickr.de.gz \
       --output=runs/typos/test_typos.de

@@ -306,8 +306,9 @@ class WordNoise:
       if blank_id is None:
         raise ConfigError(
             f'config.word_blank={blank}: the tokenizer has no {tokenizer.MASK!r} symbol for '
-            'the blank (a tokenizer trained in a new workdir with word_blank > 0 reserves '
-            'it, as pretraining ones do); or set config.word_blank=0')
+            'the blank (a tokenizer trained in a new, empty workdir with word_blank > 0 '
+            "reserves it, as pretraining ones do; a run started with init_from keeps that run's "
+            'tokenizer); or set config.word_blank=0')
     return cls(word_start_table(sp), seed, config.get('noise_side', 'source'),
                float(dropout), float(blank), int(shuffle), blank_id, symbol_table(sp))
 

@@ -399,8 +399,9 @@ def tag_id(sp) -> int:
   if tag is None:
     raise ConfigError(
         f'config.synthetic_tag=True: the tokenizer has no {tokenizer.BT_TAG!r} symbol (it was '
-        'trained, or copied from init_from, without synthetic_tag); train in a new --workdir '
-        'or set --config.synthetic_tag=False')
+        'trained, or copied from init_from, without synthetic_tag; a run started from another '
+        "with init_from keeps that run's tokenizer): train from scratch in a new, empty "
+        '--workdir, or set --config.synthetic_tag=False')
   return tag
 
 
@@ -457,4 +458,12 @@ def add_synthetic(config, sp, real_src: list[np.ndarray], real_tgt: list[np.ndar
       len(syn_idx) / len(syn_src), len(syn_idx), skipped, len(sources), 100 * share,
       config.synthetic_ratio, ': every pair once' if config.synthetic_ratio <= 0 else '',
       f'{tokenizer.BT_TAG} (id {tag})' if tag is not None else 'no')
+  dropped = len(raw_src) - skipped - len(syn_src)
+  repeats = len(syn_idx) / len(syn_src)
+  if dropped > len(syn_src) or repeats > 100:
+    logging.warning(
+        'config.synthetic_pairs: %d of %d synthetic pairs kept (%d longer than '
+        'max_source_length/max_target_length dropped; --config.truncate=True cuts them '
+        'instead), each repeated %.1f times on average to reach synthetic_ratio=%g',
+        len(syn_src), len(raw_src) - skipped, dropped, repeats, config.synthetic_ratio)
   return [sources[i] for i in order], [targets[i] for i in order]

@@ -64,8 +64,11 @@ def load_task(config, workdir: str, checkpoint: str = 'best') -> tuple[tasks.Tas
 
   def restore(manager, step: int) -> Any:  # The EMA when the checkpoint has one.
     has_ema = 'ema' in checkpoints.stored_fields(manager, step)
-    if has_ema:
-      logging.info('%s/%d holds an EMA of the parameters: using it', manager.directory, step)
+    if has_ema:  # Said on the console too: eval/predict output does not show it.
+      message = f'{manager.directory}/{step} holds an EMA of the parameters: using it'
+      logging.info('%s', message)
+      if multihost.is_primary():
+        print(message, file=sys.stderr)
     like = state.replace(ema=state.params if has_ema else None)
     return checkpoints.restore(manager, like, step).eval_params
 

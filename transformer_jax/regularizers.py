@@ -56,6 +56,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import sys
 from typing import Any, Callable
 
 from absl import logging
@@ -462,7 +463,10 @@ def describe(config) -> str:
 
 
 def log(config) -> None:
-  """Writes `describe(config)` to the log (train.log) when a regularizer is on."""
+  """Writes `describe(config)` to the log (train.log) and the console when a regularizer
+  is on."""
   line = describe(config)
   if line:
     logging.info('%s', line)
+    if jax.process_index() == 0:
+      print(line, file=sys.stderr)

@@ -639,7 +639,9 @@ def _summarize(pending: list[dict], throughput: _Throughput) -> dict:
 
 
 def _eval_line(task: tasks.Task, step: int, train: dict, result: dict, improved: bool) -> str:
-  return (f"step {step}: train loss {train['loss']:.4f} | {task.format_eval(result)}"
+  # fgm and pgd train on clean + adversarial loss: the clean part compares with eval loss.
+  clean = f" (clean {train['clean_loss']:.4f})" if 'clean_loss' in train else ''
+  return (f"step {step}: train loss {train['loss']:.4f}{clean} | {task.format_eval(result)}"
           f"{' (best)' if improved else ''} | "
           f"{train['examples_per_second']:.1f} examples/s, "
           f"{train['tokens_per_second']:.0f} {task.token_unit}/s, "
