@@ -14,6 +14,9 @@ import jax
 import orbax.checkpoint as ocp
 
 
+ITEM = 'default'  # The item folder CheckpointManager writes in a step folder.
+
+
 def make_manager(workdir: str, keep: int, subdir: str = 'checkpoints'
                  ) -> ocp.CheckpointManager:
   """A manager of {workdir}/{subdir} that keeps the last `keep` checkpoints, saving in
@@ -46,15 +49,20 @@ def restore(manager: ocp.CheckpointManager, state, step: int):
   return state.replace(**restored) if dataclasses.is_dataclass(state) else restored
 
 
+def metadata_tree(item) -> dict:
+  """The tree of array metadata of a checkpoint item folder ({step folder}/default), read
+  without restoring any array."""
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    return handler.metadata(item).tree
+  finally:
+    handler.close()
+
+
 def stored_fields(manager: ocp.CheckpointManager, step: int) -> set[str]:
   """The top-level names checkpoint `step` holds, e.g. {'step', 'params', 'opt_state'}
   (and 'ema' for a run with an EMA of its parameters), read from its metadata."""
-  handler = ocp.PyTreeCheckpointHandler()
-  try:
-    tree = handler.metadata(manager.directory / str(step) / 'default').tree
-  finally:
-    handler.close()
-  return set(tree.keys())
+  return set(metadata_tree(manager.directory / str(step) / ITEM).keys())
 
 
 def restore_latest(manager: ocp.CheckpointManager, state):

@@ -51,13 +51,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from transformer_jax import checkpoints
 from transformer_jax import config_schema
 from transformer_jax import multihost
 
 HF_PREFIX = 'hf:'
 CHECKPOINTS = 'checkpoints'  # {workdir}/checkpoints/STEP (transformer_jax.checkpoints).
 BEST = 'best'                # {workdir}/best/STEP (train.BestCheckpoint).
-ITEM = 'default'             # The item folder CheckpointManager writes in a step folder.
+ITEM = checkpoints.ITEM       # The item folder CheckpointManager writes in a step folder.
 TOKENIZER = 'tokenizer'      # {workdir}/tokenizer/ (spm.model, or WordPiece's files).
 ADAPTER_CONFIG = 'adapter_config.json'  # A PEFT run's workdir (transformer_jax.peft).
 
@@ -243,11 +244,7 @@ def restore_params(checkpoint: str) -> dict[str, np.ndarray]:
     InitError: the checkpoint holds no 'params'.
   """
   item = epath.Path(checkpoint) / ITEM
-  handler = ocp.PyTreeCheckpointHandler()
-  try:
-    tree = handler.metadata(item).tree
-  finally:
-    handler.close()
+  tree = checkpoints.metadata_tree(item)
   if not isinstance(tree, dict) or 'params' not in tree:
     raise InitError(f'{checkpoint}: the checkpoint holds no params (not written by '
                     'transformer_jax?)')
