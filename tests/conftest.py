@@ -1,11 +1,30 @@
 """Shared fixtures: the real Multi30k files and small configs built from them."""
 import gzip
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# JAX's persistent compilation cache, one folder per test run, shared by the pytest-xdist
+# workers (they inherit this environment from the controller, which imports this file
+# first) and by the CLI subprocesses of the tests: the same tiny models are compiled in
+# many tests, and a program compiled once is then read back. Set before jax is imported.
+# Programs that compile in under a second are not cached (JAX's default threshold).
+_CACHE_ENV = 'JAX_COMPILATION_CACHE_DIR'
+_OWN_CACHE = None
+if not os.environ.get(_CACHE_ENV):
+  _OWN_CACHE = tempfile.mkdtemp(prefix='transformer_jax_test_jax_cache_')
+  os.environ[_CACHE_ENV] = _OWN_CACHE
+
+
+def pytest_sessionfinish(session, exitstatus):  # pylint: disable=unused-argument
+  """The process that made the cache folder removes it (the xdist controller last)."""
+  if _OWN_CACHE and not os.environ.get('PYTEST_XDIST_WORKER'):
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 sys.path.insert(0, REPO)  # `configs` is imported as a package in tests.
 
 from configs import encoder, mt  # pylint: disable=g-import-not-at-top
