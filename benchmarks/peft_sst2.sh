@@ -7,7 +7,7 @@
 # bytes, peak RSS, step time, wall time). Runs are kept in $RUNS (default runs/peft_sst2);
 # a killed script rerun with the same $RUNS resumes each run where it stopped.
 #
-#   METHODS="full lora ia3 adapter prefix prompt" bash benchmarks/peft_sst2.sh
+#   METHODS="full lora lora_all ia3 adapter prefix prompt" bash benchmarks/peft_sst2.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -24,6 +24,10 @@ args() {  # method -> its config overrides
     lora) echo --config.peft_method=lora "--config.lora_targets=('query','key','value','out')" \
                --config.lora_rank=8 --config.lora_alpha=16 --config.learning_rate=5e-4 \
                --config.num_train_steps=6000 ;;
+    lora_all) echo --config.peft_method=lora \
+                   "--config.lora_targets=('query','key','value','out','wi','wo')" \
+                   --config.lora_rank=4 --config.lora_alpha=8 --config.learning_rate=1e-3 \
+                   --config.num_train_steps=7000 ;;  # Every projection, 0.74% trainable.
     ia3) echo --config.peft_method=ia3 --config.learning_rate=3e-3 --config.num_train_steps=6000 ;;
     adapter) echo --config.peft_method=adapter --config.adapter_size=32 \
                   --config.learning_rate=5e-4 --config.num_train_steps=5500 ;;

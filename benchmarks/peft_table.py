@@ -4,7 +4,8 @@
 
 Per run: steps, best validation accuracy (and BLEU for translation runs), trainable
 parameters and their share of the model, optimizer-state bytes, peak resident memory,
-median seconds per train step (from the logged steps/s) and wall time (RUNS_DIR/times.txt).
+median seconds per train step (from the logged steps/s), test_2016 BLEU of translation
+runs and wall time (RUNS_DIR/times.txt).
 """
 import os
 import re
@@ -35,6 +36,8 @@ def parse(log: str) -> dict:
     if values:
       scale = 1 if metric == 'BLEU' else 100
       row[f'best val {metric}'] = f'{scale * max(values):.2f}'
+  if m := re.findall(r'test_2016\S*: BLEU ([\d.]+) .*lowercased BLEU ([\d.]+)', text):
+    row['test BLEU (lowercased)'] = f'{m[-1][0]} ({m[-1][1]})'
   return row
 
 
@@ -51,7 +54,7 @@ def main(runs: str, methods: list[str]) -> None:
       row['wall'] = f'{times[m] // 60}m{times[m] % 60:02d}s'
   columns = ['method'] + sorted({k for r in rows.values() for k in r},
                                 key=['steps', 'best val accuracy', 'best val F1', 'best val BLEU',
-                                     'trainable', 'share', 'optimizer state', 'peak RSS',
+                                     'test BLEU (lowercased)', 'trainable', 'share', 'optimizer state', 'peak RSS',
                                      's/step', 'wall'].index)
   print('| ' + ' | '.join(columns) + ' |')
   print('|' + '---|' * len(columns))

@@ -64,6 +64,10 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   # when a tokenizer is trained (a new workdir). Multi30k de→en test_2016 BLEU 37.30 with
   # it, 36.62 without (docs/benchmarks.md).
   c.spm_byte_fallback = True
+  # Comma-separated paths or globs of text (plain or .gz, a sentence a line) the new
+  # tokenizer is also trained on, e.g. '.../multi30k/train.fr.gz' so that a de→en model's
+  # vocabulary covers French for a later fr→en fine-tuning. '' = the training pairs only.
+  c.spm_extra_text = ''
 
   # --- Model (Vaswani et al. 2017, pre-LayerNorm) -------------------------
   c.d_model = 256

@@ -23,8 +23,8 @@ def get_config(variant: str = ''):
   for name in ('dataset_name', 'tfds_data_dir', 'source_lang', 'target_lang', 'pack_examples',
                'train_fraction', 'bleu_every_steps', 'noise_side', 'word_shuffle',
                'word_dropout', 'word_blank', 'synthetic_pairs', 'synthetic_ratio',
-               'synthetic_tag'):
-    del c[name]  # Parallel-data fields; pretraining reads train_files.
+               'synthetic_tag', 'spm_extra_text'):
+    del c[name]  # Parallel-data fields; pretraining reads train_files (its tokenizer's text).
   # --- Data: one sentence per line, .gz or plain; globs; mixed by train_weights
   # (() = in proportion to their sizes). eval_files: held-out text (validation only).
   mono = encoder.shared_data('multi30k/mono')

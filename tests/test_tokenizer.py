@@ -107,3 +107,31 @@ def test_normalize_is_what_the_tokenizer_does(byte_fallback):
 
 def test_one_line_keeps_model_outputs_on_one_line():
   assert tokenizer.one_line(' a\nb\r\nc\u2028d  \x00e ') == 'a b c d e'
+
+
+def test_spm_extra_text_trains_a_new_tokenizer_only_and_names_a_missing_file(
+    small_text_dir, data_dir, tmp_path):
+  from tests.conftest import head  # pylint: disable=g-import-not-at-top
+  from transformer_jax import sharding  # pylint: disable=g-import-not-at-top
+  from transformer_jax.multi30k import DataError  # pylint: disable=g-import-not-at-top
+  from transformer_jax.tasks import translation  # pylint: disable=g-import-not-at-top
+  french = head(f'{data_dir}/train.fr.gz', 2000)
+  (tmp_path / 'fr.txt').write_text('\n'.join(french[:1000]) + '\n\n', encoding='utf-8')
+
+  def setup(workdir, **overrides):
+    config = tiny_config(small_text_dir, vocab_size=600, **overrides)
+    task = translation.TranslationTask(config, str(tmp_path / workdir),
+                                       sharding.config_mesh(config))
+    task.setup(training=True)
+    return task.sp
+
+  held_out = french[1000:]  # French the tokenizers never saw.
+  pieces = lambda sp: sum(len(p) for p in sp.encode(held_out))
+  plain = setup('plain')
+  extra = setup('extra', spm_extra_text=f'{tmp_path}/fr.t?t')  # A glob.
+  assert pieces(extra) < 0.8 * pieces(plain), (pieces(extra), pieces(plain))
+  # A resumed run keeps its tokenizer and reads no extra text (the file may be gone).
+  again = setup('extra', spm_extra_text=f'{tmp_path}/gone.txt')
+  assert again.serialized_model_proto() == extra.serialized_model_proto()
+  with pytest.raises(DataError, match=r'^config.spm_extra_text: .*nothing\*.txt: no such file$'):
+    setup('missing', spm_extra_text=f'{tmp_path}/nothing*.txt, {tmp_path}/fr.txt')

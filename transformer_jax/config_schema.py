@@ -234,6 +234,7 @@ TRANSLATION_SCHEMA = {
     'decode_batch_tokens': (int, _positive),
     'bleu_every_steps': (int, _non_negative),
     'spm_byte_fallback': (bool, _any),  # New tokenizers only (tokenizer.train).
+    'spm_extra_text': (str, _any),  # Paths or globs; read for a new tokenizer only.
     # Noise augmentation of the training pairs (transformer_jax/augment.py).
     'noise_side': (str, _one_of('source', 'target', 'both')),
     'word_shuffle': (int, _non_negative),
@@ -281,7 +282,7 @@ AUGMENTATION_FIELDS = ('noise_side', 'word_shuffle', 'word_dropout', 'word_blank
 DENOISING_SCHEMA = {
     **{k: v for k, v in TRANSLATION_SCHEMA.items()
        if k not in ('dataset_name', 'tfds_data_dir', 'source_lang', 'target_lang',
-                    'pack_examples', 'train_fraction', 'bleu_every_steps',
+                    'pack_examples', 'train_fraction', 'bleu_every_steps', 'spm_extra_text',
                     *AUGMENTATION_FIELDS)},
     **PRETRAINING_SCHEMA,
     'noise_density': (float, _density),
@@ -482,7 +483,7 @@ RESUME_FREE_FIELDS = (
     'decode_max_length_ratio', 'decode_max_length_offset', 'decode_batch_tokens',
     # Read only when a new tokenizer is trained: a resumed run keeps its tokenizer (and
     # runs recorded before byte fallback became the default resume unchanged).
-    'spm_byte_fallback',
+    'spm_byte_fallback', 'spm_extra_text',
     # Where prepared data is cached; the peak FLOP/s the MFU is computed against.
     'tfds_data_dir', 'peak_flops_per_device',
     # Where it runs: a checkpoint restores onto another mesh, and accumulating gradients

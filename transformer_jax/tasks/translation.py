@@ -105,6 +105,28 @@ def create_model_and_state(config, vocab_size: int, mesh):
   return task.model, optimizer, train.create_state(task, optimizer, config.seed, mesh)
 
 
+def extra_tokenizer_text(config, workdir: str) -> list[str]:
+  """The non-blank lines of `config.spm_extra_text` (comma-separated paths or globs of
+  plain or .gz text, one sentence a line) when `workdir` has no tokenizer yet, else [].
+
+  Text that only the new tokenizer is trained on, beside the training pairs: e.g. French
+  for a de→en model that is later fine-tuned on fr→en with the same vocabulary. A resumed
+  run, and a run with `init_from` (which takes the pretrained run's tokenizer), read none.
+
+  Raises:
+    DataError: naming config.spm_extra_text and a pattern matching no file, or a file
+      naming its line (unreadable, invalid UTF-8, no sentence).
+  """
+  if not config.get('spm_extra_text') or os.path.exists(
+      os.path.join(workdir, 'tokenizer', 'spm.model')):
+    return []
+  files = backtranslation.expand(config.spm_extra_text, 'config.spm_extra_text')
+  lines = backtranslation.read_monolingual(files)[0]
+  logging.info('config.spm_extra_text: %d sentences for the tokenizer from %s', len(lines),
+               ', '.join(files))
+  return lines
+
+
 class TranslationTask(base.Task):
   """Sentence-pair translation (see the module docstring)."""
   FIELDS = config_schema.TRANSLATION_SCHEMA
@@ -131,8 +153,10 @@ class TranslationTask(base.Task):
       self.test_text = (data.load_pairs(cfg, cfg.test_split, workdir)
                         if cfg.test_split else None)
       # Word blanking (augment) needs a '<mask>' symbol, tagged back-translation '<BT>': a
-      # new tokenizer reserves them then. It is trained on the real pairs only.
-      self.sp = tokenizer.load_or_train(cfg, workdir, train_src + train_tgt,
+      # new tokenizer reserves them then. It is trained on the real pairs (not the synthetic
+      # ones) and on config.spm_extra_text.
+      self.sp = tokenizer.load_or_train(cfg, workdir,
+                                        train_src + train_tgt + extra_tokenizer_text(cfg, workdir),
                                         augment.reserved_symbols(cfg)
                                         + backtranslation.reserved_symbols(cfg))
       # A tokenizer without '<mask>' for word_blank stops the run here, not after the model.
