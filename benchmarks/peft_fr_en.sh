@@ -27,14 +27,12 @@ timed() {  # name, then the command: appends "name seconds" to $RUNS/times.txt o
   local name=$1; shift
   grep -q "^$name " "$RUNS/times.txt" 2>/dev/null && return 0
   local start=$SECONDS
-  "$@" > "$RUNS/$name.console.txt" 2>&1
+  "$@" > "$RUNS/$name.console.txt" 2>&1 || {
+    echo "$name failed: $(tail -n 1 "$RUNS/$name.console.txt")" >&2; exit 1; }
   echo "$name $((SECONDS - start))" >> "$RUNS/times.txt"
 }
 
 COMMON=(--config=configs/multi30k_de_en.py --config.data_dir="$DATA")
-timed base $PY -m transformer_jax.main "${COMMON[@]}" --workdir="$RUNS/base" \
-  --config.spm_extra_text="$DATA/train.fr.gz"
-
 FR=("${COMMON[@]}" --config.source_lang=fr --config.eval_every_steps=100
     --config.bleu_every_steps=250 --config.checkpoint_every_steps=250)
 args() {  # method -> its overrides
@@ -52,6 +50,9 @@ args() {  # method -> its overrides
     *) echo "unknown method $1" >&2; exit 2 ;;
   esac
 }
+for method in $METHODS; do args "$method" > /dev/null; done  # A typo stops here.
+timed base $PY -m transformer_jax.main "${COMMON[@]}" --workdir="$RUNS/base" \
+  --config.spm_extra_text="$DATA/train.fr.gz"
 for method in $METHODS; do
   # shellcheck disable=SC2046
   timed "$method" $PY -m transformer_jax.main "${FR[@]}" $(args "$method") \

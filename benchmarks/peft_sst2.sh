@@ -39,6 +39,7 @@ args() {  # method -> its config overrides
   esac
 }
 
+for method in $METHODS; do args "$method" > /dev/null; done  # A typo stops here.
 for method in $METHODS; do
   start=$SECONDS
   # shellcheck disable=SC2046

@@ -35,13 +35,15 @@ args() {  # method -> its overrides
     *) echo "unknown method $1" >&2; exit 2 ;;
   esac
 }
+for method in $METHODS; do args "$method" > /dev/null; done  # A typo stops here.
 for method in $METHODS; do
   name="${method}_seed$SEED"
   grep -q "^$name " "$RUNS/times.txt" 2>/dev/null && continue
   start=$SECONDS
   # shellcheck disable=SC2046
   $PY -m transformer_jax.main --config=configs/multi30k_de_en.py --config.data_dir="$DATA" \
-    --config.seed="$SEED" $(args "$method") --workdir="$RUNS/$name" > "$RUNS/$name.console.txt" 2>&1
+    --config.seed="$SEED" $(args "$method") --workdir="$RUNS/$name" > "$RUNS/$name.console.txt" 2>&1 || {
+      echo "$name failed: $(tail -n 1 "$RUNS/$name.console.txt")" >&2; exit 1; }
   $PY -m transformer_jax.main --config=configs/multi30k_de_en.py --workdir="$RUNS/$name" \
     --mode=eval --config.dataset_name=text --config.data_dir="$RUNS/typos" --split=test_typos \
     > "$RUNS/$name.typos.txt" 2>&1

@@ -135,3 +135,7 @@ def test_spm_extra_text_trains_a_new_tokenizer_only_and_names_a_missing_file(
   assert again.serialized_model_proto() == extra.serialized_model_proto()
   with pytest.raises(DataError, match=r'^config.spm_extra_text: .*nothing\*.txt: no such file$'):
     setup('missing', spm_extra_text=f'{tmp_path}/nothing*.txt, {tmp_path}/fr.txt')
+  with pytest.raises(DataError, match=r'^config.spm_extra_text: .*/plain: a folder, not a file'):
+    setup('folder', spm_extra_text=f'{tmp_path}/plain')  # The first run's workdir.
+  with pytest.raises(DataError, match=r'^config.spm_extra_text: no file named$'):
+    setup('commas', spm_extra_text=' , ')

@@ -96,7 +96,7 @@ def expand(patterns: str | Sequence[str], name: str) -> list[str]:
 
   Raises:
     DataError: naming `name` (e.g. '--input' or 'config.synthetic_pairs') and the
-      pattern, when it matches no file.
+      pattern, when it matches no file or folders only; or when no pattern is given.
   """
   if isinstance(patterns, str):
     patterns = [p.strip() for p in patterns.split(',') if p.strip()]
@@ -105,7 +105,11 @@ def expand(patterns: str | Sequence[str], name: str) -> list[str]:
     matched = sorted(glob.glob(os.path.expanduser(pattern)))
     if not matched:
       raise DataError(f'{name}: {pattern}: no such file')
+    if not any(os.path.isfile(m) for m in matched):  # Folders in a glob's matches are skipped.
+      raise DataError(f'{name}: {pattern}: a folder, not a file (use {pattern.rstrip("/")}/*)')
     files.extend(m for m in matched if os.path.isfile(m))
+  if not files:
+    raise DataError(f'{name}: no file named')
   return files
 
 

@@ -117,8 +117,12 @@ def extra_tokenizer_text(config, workdir: str) -> list[str]:
     DataError: naming config.spm_extra_text and a pattern matching no file, or a file
       naming its line (unreadable, invalid UTF-8, no sentence).
   """
-  if not config.get('spm_extra_text') or os.path.exists(
-      os.path.join(workdir, 'tokenizer', 'spm.model')):
+  if not config.get('spm_extra_text'):
+    return []
+  if os.path.exists(os.path.join(workdir, 'tokenizer', 'spm.model')):
+    (logging.warning if config.init_from else logging.info)(
+        'config.spm_extra_text is not read: %s', 'the tokenizer of init_from is used'
+        if config.init_from else 'the run keeps its tokenizer')
     return []
   files = backtranslation.expand(config.spm_extra_text, 'config.spm_extra_text')
   lines = backtranslation.read_monolingual(files)[0]
