@@ -36,7 +36,7 @@ import functools
 import os
 import re
 import tempfile
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from absl import logging
 import numpy as np
@@ -231,11 +231,15 @@ def decode_with_symbols(sp: spm.SentencePieceProcessor, ids) -> str:
 
 
 def load_or_train(config, workdir: str, sentences: list[str],
-                  control_symbols: tuple[str, ...] = ()) -> spm.SentencePieceProcessor:
+                  control_symbols: tuple[str, ...] = (),
+                  extra_sentences: Callable[[], list[str]] | None = None
+                  ) -> spm.SentencePieceProcessor:
   """The SentencePiece model in {workdir}/tokenizer/spm.model, trained on (at most
-  `config.spm_max_sentences`, sampled with `config.seed`) `sentences` the first time and
-  reused on restarts. `config.spm_byte_fallback` (False where the config lacks it)
-  applies to a new model only: a reused one keeps what it was trained with.
+  `config.spm_max_sentences`, sampled with `config.seed`) `sentences` plus
+  `extra_sentences()` the first time and reused on restarts (`extra_sentences` is called
+  only to train a new model: text read for the tokenizer alone, which a restart need not
+  find again). `config.spm_byte_fallback` (False where the config lacks it) applies to a
+  new model only: a reused one keeps what it was trained with.
 
   In a multi-process run process 0 trains and writes the model; the others wait for it
   and load it (`multihost.primary_first`): every process must call this."""
@@ -244,6 +248,8 @@ def load_or_train(config, workdir: str, sentences: list[str],
     if os.path.exists(path):
       logging.info('Reusing tokenizer %s', path)
       return load(path)
+    if extra_sentences is not None:
+      sentences = sentences + extra_sentences()
     rng = np.random.default_rng(config.seed)
     if len(sentences) > config.spm_max_sentences:
       sentences = [sentences[i] for i in

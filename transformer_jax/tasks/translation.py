@@ -105,24 +105,20 @@ def create_model_and_state(config, vocab_size: int, mesh):
   return task.model, optimizer, train.create_state(task, optimizer, config.seed, mesh)
 
 
-def extra_tokenizer_text(config, workdir: str) -> list[str]:
+def extra_tokenizer_text(config) -> list[str]:
   """The non-blank lines of `config.spm_extra_text` (comma-separated paths or globs of
-  plain or .gz text, one sentence a line) when `workdir` has no tokenizer yet, else [].
+  plain or .gz text, one sentence a line; [] where unset).
 
-  Text that only the new tokenizer is trained on, beside the training pairs: e.g. French
-  for a de→en model that is later fine-tuned on fr→en with the same vocabulary. A resumed
-  run, and a run with `init_from` (which takes the pretrained run's tokenizer), read none.
+  Text that only a new tokenizer is trained on, beside the training pairs: e.g. French
+  for a de→en model that is later fine-tuned on fr→en with the same vocabulary.
+  `tokenizer.load_or_train` calls this only when it trains one: a resumed run, and a run
+  with `init_from` (which takes the pretrained run's tokenizer), read none.
 
   Raises:
     DataError: naming config.spm_extra_text and a pattern matching no file, or a file
       naming its line (unreadable, invalid UTF-8, no sentence).
   """
   if not config.get('spm_extra_text'):
-    return []
-  if os.path.exists(os.path.join(workdir, 'tokenizer', 'spm.model')):
-    (logging.warning if config.init_from else logging.info)(
-        'config.spm_extra_text is not read: %s', 'the tokenizer of init_from is used'
-        if config.init_from else 'the run keeps its tokenizer')
     return []
   files = backtranslation.expand(config.spm_extra_text, 'config.spm_extra_text')
   lines = backtranslation.read_monolingual(files)[0]
@@ -146,6 +142,9 @@ class TranslationTask(base.Task):
       source_run = init_from.source_run_dir(cfg.init_from)
       if source_run:  # Fine-tuning takes the pretrained run's tokenizer.
         init_from.copy_tokenizer(source_run, workdir)
+        if cfg.get('spm_extra_text'):
+          logging.warning('config.spm_extra_text is not read: the tokenizer of init_from '
+                          'is used')
       train_src, train_tgt = data.load_pairs(cfg, cfg.train_split, workdir)
       if cfg.train_fraction < 1:  # Low-resource runs: the first pairs of the split.
         keep = max(1, round(cfg.train_fraction * len(train_src)))
@@ -159,10 +158,10 @@ class TranslationTask(base.Task):
       # Word blanking (augment) needs a '<mask>' symbol, tagged back-translation '<BT>': a
       # new tokenizer reserves them then. It is trained on the real pairs (not the synthetic
       # ones) and on config.spm_extra_text.
-      self.sp = tokenizer.load_or_train(cfg, workdir,
-                                        train_src + train_tgt + extra_tokenizer_text(cfg, workdir),
+      self.sp = tokenizer.load_or_train(cfg, workdir, train_src + train_tgt,
                                         augment.reserved_symbols(cfg)
-                                        + backtranslation.reserved_symbols(cfg))
+                                        + backtranslation.reserved_symbols(cfg),
+                                        extra_sentences=lambda: extra_tokenizer_text(cfg))
       # A tokenizer without '<mask>' for word_blank stops the run here, not after the model.
       augment.WordNoise.from_config(cfg, self.sp, cfg.seed)
       self.train_src, self.train_tgt = data.tokenize_pairs(self.sp, train_src, train_tgt, cfg,
