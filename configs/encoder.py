@@ -108,6 +108,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   c.nesterov = False
   c.weight_decay = 0.01       # Not applied to biases, LayerNorm, embeddings.
   c.max_grad_norm = 1.0
+  c.layer_lr_decay = 1.0      # < 1: layer i of L learns at decay**(L - i) of the rate.
 
   # --- Evaluation and loop ----------------------------------------------------
   c.patience = 0              # Stop after this many evals without gain; 0 = off.

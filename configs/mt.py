@@ -136,6 +136,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   c.nesterov = False          # optimizer='sgd': Nesterov momentum.
   c.weight_decay = 1e-4       # Not applied to biases, LayerNorm, embeddings.
   c.max_grad_norm = 1.0       # Global-norm clipping; 0 turns it off.
+  c.layer_lr_decay = 1.0      # < 1: layer i of L learns at decay**(L - i) of the rate.
 
   # --- Decoding and evaluation -------------------------------------------
   c.test_split = 'test_2016'  # Scored with the best checkpoint after training; '' = skip.

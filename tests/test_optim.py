@@ -115,3 +115,39 @@ def test_applied_learning_rates_without_warmup(warmup_steps):
   config.schedule = 'rsqrt'
   applied, _ = _applied_rates(config)
   np.testing.assert_allclose(applied, [1.0, np.sqrt(1 / 2), np.sqrt(1 / 3), 0.5], rtol=1e-6)
+
+
+def test_layer_lr_decay_scales_each_layer_by_its_depth():
+  from configs import encoder  # pylint: disable=g-import-not-at-top
+  config = encoder.get_config()
+  config.warmup_steps, config.schedule, config.weight_decay = 0, 'constant', 0.1
+  model = models.SequenceClassifier(models.TransformerConfig(
+      vocab_size=20, d_model=8, num_heads=2, d_ff=16, num_encoder_layers=3,
+      num_decoder_layers=0), num_labels=2)
+  params = model.init(jax.random.PRNGKey(0), jnp.ones((1, 3), jnp.int32))['params']
+  grads = jax.tree.map(lambda x: jax.random.normal(jax.random.PRNGKey(1), x.shape), params)
+
+  def updates(decay):
+    config.layer_lr_decay = decay
+    optimizer = optim.make_optimizer(config)
+    return optimizer.update(grads, optimizer.init(params), params)[0]
+
+  plain, decayed = updates(1.0), updates(0.5)
+  expected = {'source_embedder': 0.5 ** 4, 'layers_0': 0.5 ** 3, 'layers_1': 0.5 ** 2,
+              'layers_2': 0.5, 'final_norm': 1.0, 'head': 1.0}
+  seen = set()
+  for (path, u), d in zip(jax.tree_util.tree_flatten_with_path(plain)[0],
+                          jax.tree.leaves(decayed)):
+    names = [k.key for k in path]
+    key = next(n for n in names if n in expected)
+    seen.add(key)
+    np.testing.assert_allclose(d, u * expected[key], rtol=1e-6, err_msg=str(names))
+  assert seen == set(expected)  # Every depth was present, from embeddings to head.
+  # A tree of only some modules (a PEFT tree) takes L from the deepest layer it holds.
+  depths, num_layers = optim.layer_depths(
+      {'peft': {'encoder': {'layers_0': {'a': 0}, 'layers_4': {'a': 0}}}, 'head': {'b': 0}})
+  assert num_layers == 5
+  assert depths == {'peft': {'encoder': {'layers_0': {'a': 1}, 'layers_4': {'a': 5}}},
+                    'head': {'b': 6}}
+  with pytest.raises(ValueError, match=r'layer_lr_decay=0: must be in \(0, 1\]'):
+    optim.scale_by_layer_decay(0)

@@ -149,6 +149,7 @@ SCHEMA: dict[str, tuple[Any, tuple[Callable[[Any], bool], str | Callable[[Any], 
     'nesterov': (bool, _any),
     'weight_decay': (float, _non_negative),
     'max_grad_norm': (float, _non_negative),
+    'layer_lr_decay': (float, (lambda v: 0 < v <= 1, 'must be in (0, 1]; 1 = off')),
     # Evaluation and loop
     'patience': (int, _non_negative),
     'average_checkpoints': (int, _positive),
@@ -467,7 +468,7 @@ RESUME_FIXED_FIELDS = (
     'prefix_length', 'prefix_mlp_hidden', 'prompt_length',
     # The optimizer (its state in the checkpoint) and its schedule.
     'optimizer', 'learning_rate', 'warmup_steps', 'schedule', 'adam_b1', 'adam_b2',
-    'adam_eps', 'momentum', 'nesterov', 'weight_decay', 'max_grad_norm',
+    'adam_eps', 'momentum', 'nesterov', 'weight_decay', 'max_grad_norm', 'layer_lr_decay',
     # Regularizers: the objective (adversarial, R-Drop) and the EMA kept in the checkpoint.
     'adversarial', 'adversarial_epsilon', 'adversarial_steps', 'adversarial_step_size',
     'r_drop_alpha', 'ema_decay',

@@ -1,6 +1,8 @@
 """AdamW or SGD with warmup and decay, gradient clipping and a weight-decay mask (Optax)."""
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -96,6 +98,61 @@ def weight_decay_mask(params) -> dict:
       lambda path, _: getattr(path[-1], 'key', None) == 'kernel', params)
 
 
+_LAYER = re.compile(r'layers_(\d+)')
+
+
+def layer_depths(params) -> tuple[dict, int]:
+  """(depths, L): the depth of each leaf of `params` (a tree of the same structure, of
+  ints) and the number of layers L of the deepest stack.
+
+  Depth counts from the input: 0 for the embedders (a leaf under a top-level module whose
+  name ends in 'embedder'), i + 1 for the leaves of layer i of a stack (a path component
+  'layers_i'), L + 1 for everything above the stacks (their final LayerNorm, a task head).
+  In an encoder-decoder, layer i of the encoder and of the decoder share depth i + 1.
+  A PEFT tree (nested by the same module names) gets the depths of the layers it changes;
+  L is then the deepest layer the tree holds.
+  """
+  def depth(path) -> int | None:
+    names = [str(getattr(k, 'key', getattr(k, 'name', k))) for k in path]
+    for name in names:
+      match = _LAYER.fullmatch(name)
+      if match:
+        return int(match.group(1)) + 1
+    return 0 if any(n.endswith('embedder') for n in names) else None
+
+  found = jax.tree_util.tree_map_with_path(lambda path, _: depth(path), params)
+  num_layers = max((d for d in jax.tree.leaves(found) if d), default=0)
+  depths = jax.tree.map(lambda d: num_layers + 1 if d is None else d, found,
+                        is_leaf=lambda d: d is None)
+  return depths, num_layers
+
+
+def scale_by_layer_decay(decay: float) -> optax.GradientTransformation:
+  """Multiplies the update of each leaf at depth d (`layer_depths`) by
+  decay ** (L + 1 - d): the head and final LayerNorm keep the full learning rate, layer
+  i of L gets decay ** (L - i), the embeddings decay ** (L + 1).
+
+  Layer-wise learning-rate decay for fine-tuning a pretrained encoder (Howard & Ruder
+  2018, "discriminative fine-tuning"; Clark et al. 2020, ELECTRA, appendix A): lower
+  layers, which hold more general features, move less. Placed after the optimizer, it
+  scales the whole AdamW step, weight decay included, as a per-layer learning rate does.
+  Stateless.
+
+  Raises:
+    ValueError: `decay` not in (0, 1].
+  """
+  if not 0 < decay <= 1:
+    raise ValueError(f'layer_lr_decay={decay}: must be in (0, 1]')
+
+  def update(updates, state, params=None):
+    del params
+    depths, num_layers = layer_depths(updates)
+    return jax.tree.map(lambda u, d: u * decay ** (num_layers + 1 - d), updates,
+                        depths), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(config) -> optax.GradientTransformation:
   """Global-norm clipping (if `max_grad_norm` > 0) followed by the `config.optimizer`:
 
@@ -105,8 +162,10 @@ def make_optimizer(config) -> optax.GradientTransformation:
     al. 2013) and the same masked weight decay, added to the gradient (L2) before the
     momentum, as `torch.optim.SGD` does.
 
-  Both follow `learning_rate_schedule(config)`. Give it float32 parameters and
-  gradients (`to_master`): its state then is float32 too.
+  Both follow `learning_rate_schedule(config)`, each layer's update scaled by
+  `scale_by_layer_decay(config.layer_lr_decay)` when that is below 1 (a config without
+  the field: 1). Give it float32 parameters and gradients (`to_master`): its state then
+  is float32 too.
   """
   schedule = learning_rate_schedule(config)
   if config.optimizer == 'sgd':
@@ -118,6 +177,9 @@ def make_optimizer(config) -> optax.GradientTransformation:
     optimizer = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2,
                             eps=config.adam_eps, weight_decay=config.weight_decay,
                             mask=weight_decay_mask)
+  layer_decay = config.get('layer_lr_decay', 1.0)
+  if layer_decay != 1:
+    optimizer = optax.chain(optimizer, scale_by_layer_decay(layer_decay))
   if config.max_grad_norm > 0:
     return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), optimizer)
   return optimizer
