@@ -14,7 +14,8 @@ def add_peft_fields(c) -> None:
   c.lora_alpha = 16.0         # The update is scaled by lora_alpha / lora_rank.
   c.lora_dropout = 0.0        # Dropout on the LoRA branch's input.
   # Layers that get LoRA: regexes fullmatching a module path
-  # ('decoder/layers_0/cross_attention/query') or its last name.
+  # ('decoder/layers_0/cross_attention/query') or its last name; 'embed' is the token
+  # table (a new language's embeddings with the rest frozen).
   c.lora_targets = ('query', 'value')
   c.adapter_size = 64         # Bottleneck width of the adapters (Houlsby et al. 2019).
   c.prefix_length = 16        # Prefix positions per attention (Li & Liang 2021).

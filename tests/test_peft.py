@@ -19,7 +19,8 @@ from transformer_jax import tokenizer, train
 from transformer_jax.peft import core
 
 SETTINGS = {'peft_method': '', 'peft_modules_to_save': (), 'lora_rank': 4, 'lora_alpha': 6.0,
-            'lora_dropout': 0.0, 'lora_targets': ('query', 'key', 'value', 'out', 'wi', 'wo'),
+            'lora_dropout': 0.0,
+            'lora_targets': ('embed', 'query', 'key', 'value', 'out', 'wi', 'wo'),
             'adapter_size': 8, 'prefix_length': 3, 'prefix_mlp_hidden': 0,
             'prompt_length': 4}
 METHODS = ('lora', 'adapter', 'prefix', 'prompt', 'ia3')
@@ -88,10 +89,14 @@ def test_sites_and_sizes_follow_the_papers(transformer):
   assert sizes['ia3'] == (2 * attentions + 4, 2 * attentions * h * k + 4 * f)
 
 
-@pytest.mark.parametrize('name', ('lora', 'ia3'))
-def test_merged_parameters_compute_what_base_plus_adapter_computes(transformer, name):
+@pytest.mark.parametrize('name, targets', [
+    ('lora', ('query', 'key', 'value', 'out', 'wi', 'wo')), ('ia3', ()),
+    ('lora', ('embed', 'query', 'wo'))])
+def test_merged_parameters_compute_what_base_plus_adapter_computes(transformer, name, targets):
   model, init = transformer
-  adapter = _adapter(model, init, name)  # lora_alpha 6 != lora_rank 4: the scale counts.
+  # lora_alpha 6 != lora_rank 4: the scale counts. 'embed': the shared token table, read
+  # by the encoder, the decoder and the output logits (attend).
+  adapter = _adapter(model, init, name, lora_targets=targets)
   trained = {'peft': _random_like(adapter.init(jax.random.PRNGKey(1), adapter.frozen)['peft'], 3),
              'base': {}}
   unmerged = adapter.wrap(model).apply({'params': adapter.view(trained)}, INPUTS, TARGETS)
@@ -124,6 +129,31 @@ def test_lora_equals_a_float64_reference_on_a_multi_axis_projection():
   kernel = p['out']['kernel'] + 1.5 * (lora['lora_a'] @ lora['lora_b']).reshape(2, 8, 16)
   want = np.einsum('bqhk,hkd->bqd', context, kernel) + p['out']['bias']
   np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=2e-5, rtol=0)
+
+
+def test_lora_on_the_embedding_table_starts_at_identity_and_gives_each_token_a_row():
+  model = models.Transformer(CFG)
+  init = lambda: model.init(jax.random.PRNGKey(0), INPUTS, TARGETS)['params']
+  adapter = _adapter(model, init, 'lora', lora_targets=('embed',))
+  assert [s.name for s in adapter.method.sites] == ['source_embedder/embed']
+  trainable = adapter.init(jax.random.PRNGKey(1), adapter.frozen)
+  leaves = trainable['peft']['source_embedder']['embed']
+  assert leaves['lora_a'].shape == (40, 4) and leaves['lora_b'].shape == (4, 16)
+  base_logits = model.apply({'params': adapter.frozen}, INPUTS, TARGETS)
+  logits = adapter.wrap(model).apply({'params': adapter.view(trainable)}, INPUTS, TARGETS)
+  np.testing.assert_array_equal(logits, base_logits)  # A = 0.
+  # Token t embeds to E[t] + (alpha / r) A[t] B (float64 reference), only where A[t] moved.
+  a = np.zeros((40, 4), np.float32)
+  a[7] = np.arange(1, 5)
+  trained = {'peft': {'source_embedder': {'embed': {'lora_a': jnp.asarray(a),
+                                                    'lora_b': leaves['lora_b']}}}, 'base': {}}
+  embedder = lambda m, tokens: m.source_embedder.embed(tokens)
+  tokens = jnp.array([[7, 8]])
+  got = adapter.wrap(model).apply({'params': adapter.view(trained)}, tokens, method=embedder)
+  table = np.asarray(adapter.frozen['source_embedder']['embed']['embedding'], np.float64)
+  want = table[[7, 8]] + np.stack([1.5 * a[7].astype(np.float64)
+                                   @ np.asarray(leaves['lora_b'], np.float64), np.zeros(16)])
+  np.testing.assert_allclose(np.asarray(got, np.float64)[0], want, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize('name', ('adapter', 'prefix', 'prompt'))
@@ -285,7 +315,7 @@ def lora_run(base_run, small_text_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('lora'))
   config = _peft_config(small_text_dir, base_run[0], 'lora', num_train_steps=6,
                         eval_every_steps=6, checkpoint_every_steps=6, lora_alpha=12.0,
-                        lora_targets=('query', 'value', 'wi', 'wo'))
+                        lora_targets=('embed', 'query', 'value', 'wi', 'wo'))
   train.train_and_evaluate(config, workdir)
   return workdir, config
 

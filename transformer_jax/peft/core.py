@@ -47,6 +47,8 @@ class Site:
 
   kind 'dense': a Dense or DenseGeneral layer; `in_shape` are the kernel's input axes,
     `out_shape` its output axes (query: (D,), (H, K); out: (H, K), (D,)).
+  kind 'embed': an Embed table (its lookup `__call__` and, where the output logits reuse
+    it, `attend`); `in_shape` is (vocabulary size,), `out_shape` (D,).
   kind 'attention': a MultiHeadAttention (its `attend`), with num_heads, head_dim, d_model.
   kind 'feed_forward': a FeedForward, with d_model and d_ff.
   kind 'encoder': an Encoder stack, with d_model, and how its token embeddings are
@@ -84,6 +86,8 @@ def discover_sites(init_fn: Callable[[], Any]) -> list[Site]:
           (module.axis,) if isinstance(module.axis, int) else tuple(module.axis))
       features = module.features if isinstance(module.features, tuple) else (module.features,)
       sites[path] = Site('dense', path, tuple(x.shape[a] for a in axes), tuple(features))
+    elif kind == 'Embed' and method == '__call__' and path not in sites:
+      sites[path] = Site('embed', path, (module.num_embeddings,), (module.features,))
     elif kind == 'MultiHeadAttention' and method == 'attend' and path not in sites:
       queries, keys = args[0], args[1]
       sites[path] = Site('attention', path, num_heads=keys.shape[-2], head_dim=keys.shape[-1],
