@@ -331,3 +331,15 @@ def test_translate_mode_splits_lines_at_newline_only(trained, tmp_path):
     stderr = proc.stderr.decode('utf-8')
     assert f'{name}: ' in stderr and 'are unknown' in stderr and 'spm_byte_fallback' in stderr
     assert 'absl::InitializeLog' not in stderr and 'oneDNN' not in stderr
+
+
+def test_eval_loads_the_parameters_whatever_optimizer_the_config_now_builds(trained):
+  # The optimizer state is not restored: an optimizer of another structure (no clipping,
+  # layer-wise decay, SGD) loads the same parameters the training process ended with.
+  config, workdir, state = trained
+  other = config.copy_and_resolve_references()
+  other.max_grad_norm, other.layer_lr_decay, other.optimizer = 0.0, 0.5, 'sgd'
+  _, params, name = evaluation.load_task(other, workdir, 'latest')
+  assert name == 'step100'
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

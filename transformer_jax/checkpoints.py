@@ -49,6 +49,20 @@ def restore(manager: ocp.CheckpointManager, state, step: int):
   return state.replace(**restored) if dataclasses.is_dataclass(state) else restored
 
 
+def restore_fields(manager: ocp.CheckpointManager, fields: dict, step: int) -> dict:
+  """Only the top-level entries `fields` names (e.g. {'params': ...}) of checkpoint
+  `step`, restored into their structures, dtypes and shardings; the others (the optimizer
+  state) are not read. What evaluation needs: it builds no optimizer like the run's.
+
+  Raises:
+    ValueError: (Orbax) a named entry is missing or has another structure."""
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, fields)
+  args = ocp.args.PyTreeRestore(
+      item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+      partial_restore=True)
+  return manager.restore(step, args=args)
+
+
 def metadata_tree(item) -> dict:
   """The tree of array metadata of a checkpoint item folder ({step folder}/default), read
   without restoring any array."""

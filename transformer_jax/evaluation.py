@@ -69,8 +69,10 @@ def load_task(config, workdir: str, checkpoint: str = 'best') -> tuple[tasks.Tas
       logging.info('%s', message)
       if multihost.is_primary():
         print(message, file=sys.stderr)
-    like = state.replace(ema=state.params if has_ema else None)
-    return checkpoints.restore(manager, like, step).eval_params
+    # Parameters (or their EMA) only: the optimizer state is not needed, and an optimizer
+    # built from this config need not match the run's (max_grad_norm, layer_lr_decay).
+    name = 'ema' if has_ema else 'params'
+    return checkpoints.restore_fields(manager, {name: state.params}, step)[name]
 
   try:
     if config.average_checkpoints > 1:

@@ -105,12 +105,14 @@ def layer_depths(params) -> tuple[dict, int]:
   """(depths, L): the depth of each leaf of `params` (a tree of the same structure, of
   ints) and the number of layers L of the deepest stack.
 
-  Depth counts from the input: 0 for the embedders (a leaf under a top-level module whose
-  name ends in 'embedder'), i + 1 for the leaves of layer i of a stack (a path component
-  'layers_i'), L + 1 for everything above the stacks (their final LayerNorm, a task head).
-  In an encoder-decoder, layer i of the encoder and of the decoder share depth i + 1.
-  A PEFT tree (nested by the same module names) gets the depths of the layers it changes;
-  L is then the deepest layer the tree holds.
+  Depth counts from the input: 0 for the embedders (a leaf with a path component ending
+  in 'embedder': its token, position and type tables and their LayerNorm), i + 1 for the
+  leaves of layer i of a stack (a path component 'layers_i'), L + 1 for everything above
+  the stacks (their final LayerNorm, a task head). In an encoder-decoder, layer i of the
+  encoder and of the decoder share depth i + 1, and a tied token table, which also gives
+  the output logits, counts as an embedder (the lowest rate). A PEFT tree (nested by the
+  same module names) gets the depths of the layers it changes; L is then the deepest layer
+  the tree holds (0 for LoRA on the token table alone).
   """
   def depth(path) -> int | None:
     names = [str(getattr(k, 'key', getattr(k, 'name', k))) for k in path]

@@ -713,6 +713,7 @@ def _train(config, workdir: str, on_exit: contextlib.ExitStack) -> TrainState:
     stats = lambda batch: peft.batch_stats(task.batch_stats(batch))
     message = f'PEFT: {adapter.describe(state.params)}'
     logging.info('%s', message)
+    logging.info('PEFT sites: %s', ', '.join(site.name for site in adapter.method.sites))
     if multihost.is_primary():
       print(message, file=sys.stderr)
   peak = flops.peak_flops_per_device(mesh.devices.flat[0], config.dtype,
