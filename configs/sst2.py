@@ -31,9 +31,14 @@ def get_config(variant: str = ''):
   c.pooling = 'mean'          # As all-MiniLM-L6-v2 was trained.
   c.max_length = 128
   c.max_tokens_per_batch = 512  # 4 to 64 sentences: run 3 of docs/benchmarks.md.
-  c.learning_rate = 5e-5
+  # Run 5 of docs/benchmarks.md: layer-wise rate decay (the head at 1e-4, layer i of 6 at
+  # 0.8**(6 - i) of it, the embeddings at 0.8**7 = 0.21x) and an EMA of the parameters for
+  # evaluation; the first setting past 90.0 validation accuracy (runs 1-4: 88.4-89.7).
+  c.learning_rate = 1e-4
+  c.layer_lr_decay = 0.8
+  c.ema_decay = 0.998
   c.warmup_steps = 300
-  c.num_train_steps = 5000
+  c.num_train_steps = 6000
   c.eval_every_steps = 250
   c.checkpoint_every_steps = 500
   # The architecture comes from the checkpoint; these fields only document it.
@@ -47,6 +52,7 @@ def get_config(variant: str = ''):
     c.eval_every_steps = 10
     c.checkpoint_every_steps = 10
     c.log_every_steps = 5
+    c.ema_decay = 0.0  # 20 steps: an EMA would barely move from the imported weights.
   elif variant:
     raise ValueError(f"unknown variant {variant!r}; use '' or 'tiny'")
   return c
