@@ -47,6 +47,11 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   c.label_column = 'label'
   c.tag_column = 1
   c.repair_iob = False        # tagging: True turns an I-X starting an entity into B-X.
+  # tagging: each training word seen at most word_unk_max_count times in the training
+  # split (0: any word) becomes one UNK token with probability word_unk (0 = off), new
+  # draws each epoch (Lample et al. 2016: singletons, p = 0.5).
+  c.word_unk = 0.0
+  c.word_unk_max_count = 0
   # The label names, in the order of the head's outputs; num_labels=1 with no labels
   # is regression (loss 'mse'). Or one label per line in labels_file.
   c.labels = ('0', '1')

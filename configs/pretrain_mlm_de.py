@@ -20,7 +20,8 @@ def get_config(variant: str = ''):
   c = encoder.get_config()
   c.task = 'masked_lm'
   for name in ('labels', 'labels_file', 'num_labels', 'pooling', 'text_column',
-               'label_column', 'tag_column', 'repair_iob'):
+               'label_column', 'tag_column', 'repair_iob', 'word_unk',
+               'word_unk_max_count'):
     del c[name]  # Fields of the labelled tasks.
   c.data_dir = ''             # Pretraining reads train_files and eval_files.
   c.test_split = ''           # Pretraining has no test split; eval_files is scored.

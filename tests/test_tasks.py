@@ -15,8 +15,9 @@ import pytest
 
 from tests.conftest import REPO
 from configs import encoder as encoder_config, germeval
-from transformer_jax import (config_schema, evaluation, losses, multi30k, optim, readers, sharding,
-                             tasks, train)
+from transformer_jax import (augment, config_schema, evaluation, losses, multi30k, optim,
+                             readers, sharding, tasks, train)
+from transformer_jax.tasks import tagging
 
 SHARED = encoder_config.shared_data('')
 
@@ -127,6 +128,71 @@ def test_tagging_targets_sit_on_first_sub_tokens_only(germeval_dir, tmp_path):
     assert (targets[others] == 0).all()
   assert checked >= 30
   assert any(len(features['inputs'][i]) > len(words[i]) + 2 for i in range(50))  # sub-words
+
+
+def _word_unk_reference(ids, word_index, ok, draws, p, unk_id):
+  """Brute force: rebuild the sequence word by word from encode_words' output."""
+  starts = list(np.flatnonzero(word_index >= 0)) + [len(ids) - 1]
+  out = list(ids[:starts[0]])
+  for w, (start, end) in enumerate(zip(starts[:-1], starts[1:])):
+    out += [unk_id] if ok[w] and draws[w] < p else list(ids[start:end])
+  return out + [ids[-1]]
+
+
+def test_word_unk_replaces_rare_words_whole_and_keeps_labels_and_resume(germeval_dir,
+                                                                         tmp_path):
+  config = tagging_config(germeval_dir, max_length=128, word_unk=0.5, word_unk_max_count=1)
+  task = tasks.create(config, str(tmp_path), sharding.make_mesh())
+  task.setup(training=True)
+  words, tags = task.train_examples
+  features = task.train_features
+  counts = {}
+  for sentence in words:
+    for w in sentence:
+      counts[w] = counts.get(w, 0) + 1
+  unk = task.tokenizer.unk_id
+  transform = task._train_transform(seed=7)
+  n = 40
+  whole = [i for i in range(len(words))  # Sentences not cut to max_length.
+           if len(features['inputs'][i]) < config.max_length][:n]
+  positions = np.arange(1000, 1000 + n)
+  examples = {k: [features[k][i] for i in whole] for k in ('inputs', 'targets', 'word_unk_ok')}
+  out = transform(positions, examples)
+  one_by_one = [transform(positions[i:i + 1], {k: v[i:i + 1] for k, v in examples.items()})
+                for i in range(n)]
+  replaced = 0
+  for k, i in enumerate(whole):
+    ids, word_index = task.tokenizer.encode_words(words[i], 1 << 30)
+    np.testing.assert_array_equal(ids, features['inputs'][i])
+    ok = [counts[w] <= 1 for w in words[i]]
+    starts = np.flatnonzero(word_index >= 0)
+    np.testing.assert_array_equal(features['word_unk_ok'][i][starts], ok)
+    draws = augment.uniform(7, np.full(len(words[i]), positions[k]), tagging._WORD_UNK_STREAM,
+                            np.arange(len(words[i])))
+    expected = _word_unk_reference(ids, word_index, ok, draws, 0.5, unk)
+    np.testing.assert_array_equal(out['inputs'][k], expected)
+    np.testing.assert_array_equal(one_by_one[k]['inputs'][0], expected)  # Grouping.
+    # Each word keeps its label, at its first (or only, UNK) token, in order.
+    targets = out['targets'][k]
+    np.testing.assert_array_equal(targets[targets > 0], np.asarray(tags[i]) + 1)
+    replaced += int((np.asarray(ok) & (draws < 0.5)).sum())
+  assert replaced >= 10
+  # The batches of a resumed stream (skip=3) are those of the uninterrupted one.
+  full = task.train_batches(seed=7, skip=0)
+  batches = [next(full) for _ in range(5)]
+  assert set(batches[0]) == {'inputs', 'targets'}  # word_unk_ok stays on the host.
+  assert (np.concatenate([b['inputs'].ravel() for b in batches]) == unk).sum() > 0
+  resumed = task.train_batches(seed=7, skip=3)
+  for b in batches[3:]:
+    r = next(resumed)
+    np.testing.assert_array_equal(r['inputs'], b['inputs'])
+    np.testing.assert_array_equal(r['targets'], b['targets'])
+
+
+def test_word_unk_in_classification_is_one_line(sst2_dir, tmp_path):
+  with pytest.raises(config_schema.ConfigError, match='config.word_unk=0.1'):
+    tasks.create(classification_config(sst2_dir, word_unk=0.1), str(tmp_path),
+                 sharding.make_mesh())
 
 
 def test_tagging_loss_ignores_non_first_sub_tokens_and_padding(germeval_dir, tmp_path):

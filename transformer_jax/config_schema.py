@@ -258,6 +258,8 @@ ENCODER_SCHEMA = {
     'label_column': (str, _any),
     'tag_column': (int, _positive),
     'repair_iob': (bool, _any),
+    'word_unk': (float, _probability),
+    'word_unk_max_count': (int, _non_negative),
 }
 
 _files = (lambda v: len(v) > 0 and all(isinstance(x, str) and x for x in v),
@@ -450,6 +452,8 @@ RESUME_FIXED_FIELDS = (
     # Labels of the encoder tasks, and how they are read.
     'num_labels', 'labels', 'labels_file', 'text_column', 'label_column', 'tag_column',
     'repair_iob',
+    # Word replacement by UNK in tagging (other batches).
+    'word_unk', 'word_unk_max_count',
     # Noising of the pretraining objectives.
     'noise_density', 'mean_noise_span_length', 'mask_ratio', 'poisson_lambda', 'mask_prob',
     'whole_word_masking',

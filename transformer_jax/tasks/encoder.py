@@ -94,6 +94,7 @@ class EncoderTask(base.Task):
   the Task interface."""
   FIELDS = config_schema.ENCODER_SCHEMA
   token_unit = 'tok'
+  TRANSFORM_FEATURES: tuple[str, ...] = ()  # Training features only `_train_transform` reads.
 
   def __init__(self, config, workdir: str, mesh):
     super().__init__(config, workdir, mesh)
@@ -221,8 +222,19 @@ class EncoderTask(base.Task):
   # --- Batches ----------------------------------------------------------------------
   def train_batches(self, seed: int, skip: int):
     features = {k: v for k, v in self.train_features.items() if k != 'index'}
-    return self.batcher.train(features, seed, self.config.shuffle_buffer_size,
-                              skip=skip).as_numpy_iterator()
+    transform = self._train_transform(seed)
+    ds = self.batcher.train(features, seed, self.config.shuffle_buffer_size, skip=skip,
+                            transform=transform)
+    if any(k in features for k in self.TRANSFORM_FEATURES):  # Read by the transform only.
+      ds = ds.map(lambda batch: {k: v for k, v in batch.items()
+                                 if k not in self.TRANSFORM_FEATURES})
+    return ds.as_numpy_iterator()
+
+  def _train_transform(self, seed: int) -> data.Transform | None:
+    """The transform of the training examples (`data.Batcher.train`), or None; the
+    features named in TRANSFORM_FEATURES reach it but not the batches."""
+    del seed
+    return None
 
   def _eval_batches(self, features: dict):
     """Host batches of one pass over `features`, padded to full rows; 'index' holds

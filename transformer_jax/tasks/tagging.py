@@ -11,6 +11,12 @@ label index at each word's first sub-token and 0 elsewhere (other sub-tokens, [C
 Loss: `config.loss` with logits float32 [B, S, C], targets int32 [B, S] (label indices),
 weights float32 [B, S] = 1 at first sub-tokens, 0 elsewhere: the other sub-tokens and
 padding never count.
+Word UNK (`config.word_unk` = p > 0): in training, each word seen at most
+`config.word_unk_max_count` times in the training split (0: every word) becomes one UNK
+token, with probability p, all its sub-tokens together, its label kept (`WordUnk`): the
+model learns to tag from the context the words it has never seen (Lample, Ballesteros,
+Subramanian, Kawakami and Dyer 2016, "Neural Architectures for Named Entity Recognition",
+NAACL, section 4: singletons, p = 0.5).
 Decoding: the most probable tag sequence that is valid IOB2 (no I-X after O or after
 another type; Viterbi over the words' label log-probabilities), so every predicted
 entity counts in strict evaluation.
@@ -21,10 +27,14 @@ Prediction: one tag per whitespace-separated word of each input line, space-sepa
 """
 from __future__ import annotations
 
+import collections
+import dataclasses
+
 from absl import logging
 import jax.numpy as jnp
 import numpy as np
 
+from transformer_jax import augment
 from transformer_jax import flops
 from transformer_jax import metrics
 from transformer_jax import models
@@ -67,10 +77,60 @@ def constrained_decode(log_probs: np.ndarray, start: np.ndarray,
   return np.asarray(path[::-1])
 
 
+_WORD_UNK_STREAM = 0x756E6B  # 'unk': the random stream of `WordUnk` (augment.uniform).
+
+
+@dataclasses.dataclass(frozen=True)
+class WordUnk:
+  """The transform of word-UNK training (`data.Batcher.train`): in each example
+  {'inputs': int32 [n], 'targets': int32 [n], 'word_unk_ok': int32 [n]} (targets > 0 at
+  the first sub-token of each word; 'word_unk_ok' 1 there for words that may be
+  replaced), each such word becomes, with probability `p`, one `unk_id` at its first
+  sub-token, with its target; its other sub-tokens go. The draw of word w of the example
+  at stream position j is `augment.uniform(seed, j, _WORD_UNK_STREAM, w)`: the same for
+  any grouping and on resume, new each epoch. Lengths shrink or stay; the last token
+  ([SEP]/EOS) stays.
+
+  Raises:
+    ValueError: p outside [0, 1].
+  """
+  p: float
+  unk_id: int
+  seed: int
+
+  def __post_init__(self):
+    if not 0 <= self.p <= 1:
+      raise ValueError(f'p must be in [0, 1], got {self.p}')
+
+  def __call__(self, positions: np.ndarray, examples: dict) -> dict:
+    out = {k: [] for k in ('inputs', 'targets', 'word_unk_ok')}
+    for position, ids, targets, ok in zip(positions, examples['inputs'],
+                                          examples['targets'], examples['word_unk_ok']):
+      starts = np.flatnonzero(targets > 0)  # [w] first sub-token of each word.
+      draws = augment.uniform(self.seed, np.full(len(starts), position), _WORD_UNK_STREAM,
+                              np.arange(len(starts)))
+      chosen = (draws < self.p) & (ok[starts] > 0)
+      if chosen.any():
+        # word[i]: the word position i belongs to (-1 before the first; the last token,
+        # [SEP]/EOS, belongs to none).
+        word = np.cumsum(targets > 0) - 1
+        word[-1] = -1
+        replaced = np.zeros(len(starts) + 1, bool)
+        replaced[:-1] = chosen  # replaced[-1]: the 'no word' of index -1.
+        keep = ~replaced[word] | (targets > 0)
+        ids = np.where(replaced[word] & (targets > 0), self.unk_id, ids)[keep]
+        targets, ok = targets[keep], ok[keep]
+      out['inputs'].append(np.asarray(ids, np.int32))
+      out['targets'].append(targets)
+      out['word_unk_ok'].append(ok)
+    return out
+
+
 class TaggingTask(encoder.EncoderTask):
   """Token classification (see the module docstring)."""
   best_metric = 'f1'
   best_mode = 'max'
+  TRANSFORM_FEATURES = ('word_unk_ok',)
 
   def _read(self, split: str):
     cfg = self.config
@@ -98,8 +158,35 @@ class TaggingTask(encoder.EncoderTask):
       starts = word_index[i] >= 0
       t[starts] = np.asarray(tags[i], np.int32)[word_index[i][starts]] + 1
       targets.append(t)
-    return {'inputs': [ids[i] for i in keep], 'targets': targets,
-            'index': (keep + 1).astype(np.int32)}
+    features = {'inputs': [ids[i] for i in keep], 'targets': targets,
+                'index': (keep + 1).astype(np.int32)}
+    if split == self.config.train_split and self.config.word_unk > 0:
+      features['word_unk_ok'] = self._word_unk_ok(words, [ids[i] for i in keep],
+                                                  [word_index[i] for i in keep], keep)
+    return features
+
+  def _word_unk_ok(self, words, ids, word_index, keep) -> list[np.ndarray]:
+    """int32 [n] per kept sentence: 1 at the first sub-token of each word that `WordUnk`
+    may replace (seen at most config.word_unk_max_count times in `words`; 0: any)."""
+    limit = self.config.word_unk_max_count
+    counts = collections.Counter(w for sentence in words for w in sentence)
+    ok = []
+    for i, x, w in zip(keep, ids, word_index):
+      flags = np.zeros(len(x), np.int32)
+      starts = np.flatnonzero(w >= 0)
+      flags[starts] = [not limit or counts[words[i][j]] <= limit for j in w[starts]]
+      ok.append(flags)
+    eligible = sum(int(f.sum()) for f in ok)
+    total = sum(int((w >= 0).sum()) for w in word_index)
+    logging.info('word_unk: %d of %d training words (%.1f%%; %s) become UNK with '
+                 'probability %g', eligible, total, 100 * eligible / max(total, 1),
+                 f'seen <= {limit} times' if limit else 'every word', self.config.word_unk)
+    return ok
+
+  def _train_transform(self, seed: int):
+    if self.config.word_unk <= 0:
+      return None
+    return WordUnk(self.config.word_unk, self.tokenizer.unk_id, seed)
 
   def _make_model(self, architecture):
     return models.TokenClassifier(architecture, self.config.num_labels)
