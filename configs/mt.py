@@ -20,8 +20,19 @@ except ImportError:  # A checkout: configs/ beside transformer_jax/.
       add_tracking_fields)
 
 # Environment variable naming the folder with the raw Multi30k files
-# (train.de.gz, val.en.gz, ...). Empty: download them (needs internet).
+# (train.de.gz, val.en.gz, ...); unset: $TRANSFORMER_JAX_SHARED_DATA/multi30k when that
+# variable is set (the folder of every shared data set, configs/encoder.py); else
+# empty: download them (needs internet).
 DATA_DIR_ENV = 'TRANSFORMER_JAX_DATA_DIR'
+SHARED_DATA_ENV = 'TRANSFORMER_JAX_SHARED_DATA'
+
+
+def default_data_dir() -> str:
+  """$TRANSFORMER_JAX_DATA_DIR, else $TRANSFORMER_JAX_SHARED_DATA/multi30k, else ''."""
+  if os.environ.get(DATA_DIR_ENV):
+    return os.environ[DATA_DIR_ENV]
+  shared = os.environ.get(SHARED_DATA_ENV)
+  return os.path.join(shared, 'multi30k') if shared else ''
 
 
 def get_config(variant: str = '') -> ml_collections.ConfigDict:
@@ -36,7 +47,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   # dataset by name (e.g. 'wmt14_translate/de-en'), or 'text' (a user's own
   # files `{data_dir}/{split}.{lang}[.gz]`, one sentence per line).
   c.dataset_name = 'multi30k'
-  c.data_dir = os.environ.get(DATA_DIR_ENV, '')
+  c.data_dir = default_data_dir()
   c.tfds_data_dir = ''        # Where TFDS keeps prepared data; '' = {workdir}/tfds.
   c.source_lang = 'de'
   c.target_lang = 'en'

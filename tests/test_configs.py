@@ -75,3 +75,13 @@ def test_load_config_takes_a_variant_and_finds_the_shipped_files_from_any_folder
   assert config_schema.load_config('mine.py:big').variant == 'big'
   with pytest.raises(FileNotFoundError, match='nope.py: no such config file'):
     config_schema.load_config('configs/nope.py')
+
+
+def test_translation_data_dir_falls_back_to_the_shared_data_folder(monkeypatch):
+  monkeypatch.delenv(mt.DATA_DIR_ENV, raising=False)
+  monkeypatch.delenv(mt.SHARED_DATA_ENV, raising=False)
+  assert mt.get_config().data_dir == ''  # Download.
+  monkeypatch.setenv(mt.SHARED_DATA_ENV, '/data/shared')
+  assert mt.get_config().data_dir == '/data/shared/multi30k'
+  monkeypatch.setenv(mt.DATA_DIR_ENV, '/data/m30k')
+  assert mt.get_config().data_dir == '/data/m30k'

@@ -68,8 +68,10 @@ def test_missing_data_dir_names_the_folder(tmp_path):
   proc = run_main('--config=configs/mt.py:tiny', f'--workdir={tmp_path}',
                   f'--config.data_dir={tmp_path}/nope')
   assert proc.returncode == 1
-  assert proc.stderr.strip().splitlines() == [
-      f"error: config.data_dir='{tmp_path}/nope': no such folder"]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(
+      f"error: config.data_dir='{tmp_path}/nope': no such folder (a relative path counts "
+      'from the current folder; set $TRANSFORMER_JAX_DATA_DIR'), lines
   assert os.listdir(tmp_path) == []  # Nothing written.
 
 

@@ -364,6 +364,9 @@ def validate(config) -> None:
   if 'labels' in schema and config.labels and config.labels_file:
     raise ConfigError(f'config.labels_file={config.labels_file!r}: config.labels is set too '
                       f'({tuple(config.labels)!r}); pass --config.labels="()" to use the file')
+  if config.task == 'classification' and config.word_unk > 0:
+    raise ConfigError(f'config.word_unk={config.word_unk}: word UNK replacement is for task '
+                      "'tagging'; set it to 0")
   if config.peft_method and not config.init_from:
     raise ConfigError(f'config.peft_method={config.peft_method!r}: needs config.init_from, the '
                       'base model the adapter is trained on (a workdir, a checkpoint or hf:)')

@@ -173,7 +173,10 @@ def main(argv):
   if (config.get('dataset_name', 'text') in ('multi30k', 'text') and config.data_dir
       and not os.path.isdir(config.data_dir)):
     hint = (f' (or set ${SHARED_DATA_ENV} to the folder holding sst2/ and germeval2014/)'
-            if config.task != 'translation' else '')
+            if config.task != 'translation' else
+            ' (a relative path counts from the current folder; set $TRANSFORMER_JAX_DATA_DIR '
+            f'to the folder of the raw Multi30k files, or ${SHARED_DATA_ENV} to the folder '
+            "holding multi30k/; '' downloads them)")
     sys.exit(f'error: config.data_dir={config.data_dir!r}: no such folder{hint}')
   if FLAGS.mode in ('merge', 'export') and not FLAGS.output:
     sys.exit(f'error: --mode={FLAGS.mode} needs --output=DIR, the folder to write')

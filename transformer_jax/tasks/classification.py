@@ -36,9 +36,6 @@ class ClassificationTask(encoder.EncoderTask):
     if self.regression and config.loss == 'cross_entropy':
       raise config_schema.ConfigError("config.loss='cross_entropy': num_labels=1 is "
                                       "regression; use config.loss='mse'")
-    if config.word_unk > 0:
-      raise config_schema.ConfigError(f'config.word_unk={config.word_unk}: word UNK '
-                                      "replacement is for task 'tagging'; set it to 0")
     if not self.regression and config.loss == 'mse':
       raise config_schema.ConfigError(f"config.loss='mse': needs num_labels=1 (regression), "
                                       f'not {config.num_labels}')
