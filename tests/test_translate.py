@@ -208,6 +208,13 @@ def test_eval_and_translate_errors_are_one_line(trained):
   assert wrong_model.stderr.strip().splitlines()[-1] == (
       f'error: config.d_model=64, but the model in {workdir} was trained with 32: '
       'pass --config.d_model=32')
+  two_fields = run_main(*flags, '--mode=translate', '--config.d_model=64', '--config.d_ff=96',
+                        stdin='Hallo\n')
+  assert two_fields.returncode == 1
+  assert two_fields.stderr.strip().splitlines()[-1] == (
+      f'error: config.d_model=64, config.d_ff=96, but the model in {workdir} was trained with '
+      f'd_model=32, d_ff={config.d_ff}: pass --config.d_model=32 --config.d_ff={config.d_ff} '
+      '(or the config file and variant, e.g. :tiny, it was trained with)')
   bad_split = run_main(*flags, '--mode=eval', '--split=nosuch')
   assert bad_split.returncode == 1
   assert bad_split.stderr.strip().splitlines()[-1].startswith(

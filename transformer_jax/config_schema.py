@@ -409,8 +409,9 @@ def load_model_config(workdir: str) -> dict:
 
 def check_model_config(config, workdir: str) -> None:
   """Raises ConfigError naming the first field that differs from the one the checkpoints in
-  `workdir` were trained with: the task, then its labels and pooling, then the model's
-  shape (nothing to check if the workdir has no record or no checkpoint)."""
+  `workdir` were trained with: the task, then its labels and pooling, then every field of
+  the model's shape that differs, in one line (nothing to check if the workdir has no
+  record or no checkpoint)."""
   trained = load_model_config(workdir)
   checkpoints = os.path.join(workdir, 'checkpoints')
   if not trained or not (os.path.isdir(checkpoints) and os.listdir(checkpoints)):
@@ -427,10 +428,19 @@ def check_model_config(config, workdir: str) -> None:
     raise ConfigError(f'config.pooling={config.pooling!r}, but the model in {workdir} was '
                       f'trained with {trained["pooling"]!r}: pass --config.pooling='
                       f'{trained["pooling"]}')
-  for name in MODEL_FIELDS:
-    if name in trained and name in config and config[name] != trained[name]:
-      raise ConfigError(f'config.{name}={config[name]!r}, but the model in {workdir} was '
-                        f'trained with {trained[name]!r}: pass --config.{name}={trained[name]}')
+  differ = [name for name in MODEL_FIELDS
+            if name in trained and name in config and config[name] != trained[name]]
+  if len(differ) == 1:
+    name = differ[0]
+    raise ConfigError(f'config.{name}={config[name]!r}, but the model in {workdir} was '
+                      f'trained with {trained[name]!r}: pass --config.{name}={trained[name]}')
+  if differ:
+    raise ConfigError(
+        ', '.join(f'config.{name}={config[name]!r}' for name in differ)
+        + f', but the model in {workdir} was trained with '
+        + ', '.join(f'{name}={trained[name]!r}' for name in differ) + ': pass '
+        + ' '.join(f'--config.{name}={trained[name]}' for name in differ)
+        + ' (or the config file and variant, e.g. :tiny, it was trained with)')
 
 
 # --- Resuming: the config a run started with (`{workdir}/run_config.json`) ---------------
