@@ -1,5 +1,9 @@
 """Shared pieces of the config files (configs/*.py are the configs themselves)."""
 
+# Environment variable naming the folder of the shared data sets (sst2/, germeval2014/,
+# multi30k/): configs/encoder.py and configs/mt.py read it.
+SHARED_DATA_ENV = 'TRANSFORMER_JAX_SHARED_DATA'
+
 
 def add_peft_fields(c) -> None:
   """Sets the parameter-efficient fine-tuning fields of config `c` to their defaults

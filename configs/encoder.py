@@ -10,17 +10,16 @@ import ml_collections
 
 try:  # An installed toolkit: this folder is the package transformer_jax.configs.
   from transformer_jax.configs import (  # pylint: disable=g-import-not-at-top
-      add_parallelism_fields, add_peft_fields, add_regularizer_fields,
+      SHARED_DATA_ENV, add_parallelism_fields, add_peft_fields, add_regularizer_fields,
       add_tracking_fields)
 except ImportError:  # A checkout: configs/ beside transformer_jax/.
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from configs import (  # pylint: disable=g-import-not-at-top
-      add_parallelism_fields, add_peft_fields, add_regularizer_fields,
+      SHARED_DATA_ENV, add_parallelism_fields, add_peft_fields, add_regularizer_fields,
       add_tracking_fields)
 
-# Folder holding the shared data sets (sst2/, germeval2014/, multi30k/); by default
-# ../shared/data beside the checkout.
-SHARED_DATA_ENV = 'TRANSFORMER_JAX_SHARED_DATA'
+# $SHARED_DATA_ENV: the folder holding the shared data sets; by default ../shared/data
+# beside the checkout.
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

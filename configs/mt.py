@@ -11,12 +11,12 @@ import ml_collections
 
 try:  # An installed toolkit: this folder is the package transformer_jax.configs.
   from transformer_jax.configs import (  # pylint: disable=g-import-not-at-top
-      add_parallelism_fields, add_peft_fields, add_regularizer_fields,
+      SHARED_DATA_ENV, add_parallelism_fields, add_peft_fields, add_regularizer_fields,
       add_tracking_fields)
 except ImportError:  # A checkout: configs/ beside transformer_jax/.
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from configs import (  # pylint: disable=g-import-not-at-top
-      add_parallelism_fields, add_peft_fields, add_regularizer_fields,
+      SHARED_DATA_ENV, add_parallelism_fields, add_peft_fields, add_regularizer_fields,
       add_tracking_fields)
 
 # Environment variable naming the folder with the raw Multi30k files
@@ -24,7 +24,6 @@ except ImportError:  # A checkout: configs/ beside transformer_jax/.
 # variable is set (the folder of every shared data set, configs/encoder.py); else
 # empty: download them (needs internet).
 DATA_DIR_ENV = 'TRANSFORMER_JAX_DATA_DIR'
-SHARED_DATA_ENV = 'TRANSFORMER_JAX_SHARED_DATA'
 
 
 def default_data_dir() -> str:

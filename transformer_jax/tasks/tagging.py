@@ -161,7 +161,7 @@ class TaggingTask(encoder.EncoderTask):
     features = {'inputs': [ids[i] for i in keep], 'targets': targets,
                 'index': (keep + 1).astype(np.int32)}
     if split == self.config.train_split and self.config.word_unk > 0:
-      features['word_unk_ok'] = self._word_unk_ok(words, [ids[i] for i in keep],
+      features['word_unk_ok'] = self._word_unk_ok(words, features['inputs'],
                                                   [word_index[i] for i in keep], keep)
     return features
 
