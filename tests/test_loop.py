@@ -258,6 +258,46 @@ def test_second_ctrl_c_quits_at_once_naming_the_checkpoint_a_rerun_resumes_from(
   assert f'Resuming from step 20: restored {ckpt_dir}/20' in capsys.readouterr().out
 
 
+def test_an_evaluation_cut_short_by_ctrl_c_is_made_when_the_run_resumes(text8_dir, tmp_path,
+                                                                       monkeypatch, capsys):
+  workdir = tmp_path / 'wd'
+  config = _config(text8_dir, num_train_steps=12, checkpoint_every_steps=5,
+                   eval_every_steps=5, log_every_steps=5)
+  create, evaluated = train.tasks.create, []
+
+  def create_interrupting(*args, **kwargs):  # Ctrl-C in the middle of step 10's evaluation.
+    task = create(*args, **kwargs)
+    evaluate = task.evaluate
+
+    def interrupted(params, step, last):
+      if step == 10 and not evaluated:
+        evaluated.append(step)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(30)  # The handler raises KeyboardInterrupt here.
+      return evaluate(params, step, last)
+    task.evaluate = interrupted
+    return task
+
+  monkeypatch.setattr(train.tasks, 'create', create_interrupting)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, str(workdir))
+  output = capsys.readouterr().out
+  assert ('Ctrl-C: abandoning the evaluation of step 10; saving step 10 (a second Ctrl-C quits '
+          'at once, without saving it); a rerun evaluates it first') in output
+  assert json.loads((workdir / train.PENDING_EVAL_FILE).read_text()) == {'step': 10}
+  log = (workdir / 'train.log').read_text()
+  assert re.findall(r'step (\d+): train loss [^|]+\| eval loss', log) == ['5']
+
+  monkeypatch.setattr(train.tasks, 'create', create)
+  state = train.train_and_evaluate(config, str(workdir))
+  assert int(state.step) == 12
+  output = capsys.readouterr().out
+  assert 'Evaluating step 10, whose evaluation the interruption abandoned' in output
+  log = (workdir / 'train.log').read_text()
+  assert re.findall(r'step (\d+): (?:train loss [^|]+\| )?eval loss', log) == ['5', '10', '12']
+  assert not (workdir / train.PENDING_EVAL_FILE).exists()
+
+
 # --- Resuming with a changed config -------------------------------------------------------
 
 def test_every_config_field_is_either_fixed_or_free_on_resume():

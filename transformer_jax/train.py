@@ -372,7 +372,8 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
 
   Writes the task's files (tokenizer/, model_config.json, outputs), run_config.json (the
   config of the first start), checkpoints/, best/ (best by the task's metric),
-  tensorboard/ and train.log, and with `config.wandb_project` a W&B run (wandb/,
+  tensorboard/ and train.log (and pending_eval.json while an evaluation that a Ctrl-C cut
+  short is owed: a rerun makes it before its first step), and with `config.wandb_project` a W&B run (wandb/,
   wandb_run_id.txt: `tracking`). On resume, says so on the console (step and checkpoint
   folder) with the config fields changed since the first start. At the end, scores
   `config.test_split` with the best checkpoint. Returns the final train state.
@@ -501,6 +502,32 @@ def _rerun(directory: str) -> str:
           f'({os.path.join(directory, str(steps[-1]))})')
 
 
+PENDING_EVAL_FILE = 'pending_eval.json'
+
+
+def _pending_eval(workdir: str) -> int | None:
+  """The step whose evaluation a Ctrl-C abandoned ({workdir}/pending_eval.json), or None."""
+  path = os.path.join(workdir, PENDING_EVAL_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding='utf-8') as f:
+    return json.load(f)['step']
+
+
+def _set_pending_eval(workdir: str, step: int | None) -> None:
+  """Records (process 0) that the evaluation of `step` is owed; None: it was done."""
+  if not multihost.is_primary():
+    return
+  path = os.path.join(workdir, PENDING_EVAL_FILE)
+  if step is None:
+    if os.path.exists(path):
+      os.remove(path)
+    return
+  with open(path + '.tmp', 'w', encoding='utf-8') as f:
+    json.dump({'step': step}, f)
+  os.replace(path + '.tmp', path)
+
+
 def _flush_logs() -> None:
   for handler in (*logging.get_absl_logger().handlers, *py_logging.getLogger().handlers):
     handler.flush()
@@ -525,11 +552,12 @@ class _StopOnInterrupt:
     requested: a first Ctrl-C came.
     step: the last dispatched step: the one an interrupted run saves.
     abandonable: the loop is in an evaluation, which a first Ctrl-C cuts short.
+    abandoned: a first Ctrl-C cut the evaluation of `step` short.
     saving: the interrupted run is saving `step`.
   """
 
   def __init__(self, bar: tqdm.tqdm, checkpoint_dir: str, step: int):
-    self.requested = self.abandonable = self.saving = False
+    self.requested = self.abandonable = self.saving = self.abandoned = False
     self.step = step
     self._bar = bar
     self._dir = checkpoint_dir
@@ -551,7 +579,8 @@ class _StopOnInterrupt:
     again = 'a second Ctrl-C quits at once, without saving it'
     if self.abandonable:
       _log(self._bar, f'Ctrl-C: abandoning the evaluation of step {self.step}; saving step '
-                      f'{self.step} ({again})')
+                      f'{self.step} ({again}); a rerun evaluates it first')
+      self.abandoned = True
       raise KeyboardInterrupt
     _log(self._bar, f'Ctrl-C: no further step; saving step {self.step} when it is '
                     f'computed ({again})')
@@ -639,6 +668,9 @@ def _summarize(pending: list[dict], throughput: _Throughput) -> dict:
 
 
 def _eval_line(task: tasks.Task, step: int, train: dict, result: dict, improved: bool) -> str:
+  """The console line of an evaluation; `train` is {} for one made before any step."""
+  if not train:  # The evaluation of a resumed run's first step (a Ctrl-C abandoned it).
+    return f"step {step}: {task.format_eval(result)}{' (best)' if improved else ''}"
   # fgm and pgd train on clean + adversarial loss: the clean part compares with eval loss.
   clean = f" (clean {train['clean_loss']:.4f})" if 'clean_loss' in train else ''
   return (f"step {step}: train loss {train['loss']:.4f}{clean} | {task.format_eval(result)}"
@@ -751,7 +783,27 @@ def _train(config, workdir: str, on_exit: contextlib.ExitStack) -> TrainState:
   in_flight = _InFlight(lambda _: bar.update(1))  # The bar counts finished steps.
   throughput.reset()
   interrupt = _StopOnInterrupt(bar, checkpoint_dir, start_step)
+
+  def evaluate(step: int, events: set[str]) -> None:
+    """The task's evaluation of `state` (step `step`): the best checkpoint, the eval line."""
+    interrupt.abandonable = True  # A first Ctrl-C abandons the evaluation.
+    try:
+      result, report = task.evaluate(view(state.eval_params), step, 'last' in events)
+    finally:
+      interrupt.abandonable = False
+    improved = task.best_metric in result and best.update(state, result[task.best_metric])
+    for name, value in result.items():
+      writer.scalar(f'eval/{name}', value, step)
+    writer.flush()
+    _log(bar, _eval_line(task, step, train_summary, result, improved))
+    if report:
+      _log(bar, report)
+
   try:
+    if _pending_eval(workdir) == start_step:  # Its evaluation was cut short by a Ctrl-C.
+      _log(bar, f'Evaluating step {start_step}, whose evaluation the interruption abandoned')
+      evaluate(start_step, cadence(start_step, config, task.metric_every_steps))
+      _set_pending_eval(workdir, None)
     for step in range(start_step + 1, config.num_train_steps + 1):
       events = cadence(step, config, task.metric_every_steps)
       batch = next(train_iter)
@@ -784,18 +836,7 @@ def _train(config, workdir: str, on_exit: contextlib.ExitStack) -> TrainState:
         pending = []
 
       if 'eval' in events:
-        interrupt.abandonable = True  # A first Ctrl-C abandons the evaluation.
-        try:
-          result, report = task.evaluate(view(state.eval_params), step, 'last' in events)
-        finally:
-          interrupt.abandonable = False
-        improved = task.best_metric in result and best.update(state, result[task.best_metric])
-        for name, value in result.items():
-          writer.scalar(f'eval/{name}', value, step)
-        writer.flush()
-        _log(bar, _eval_line(task, step, train_summary, result, improved))
-        if report:
-          _log(bar, report)
+        evaluate(step, events)
 
       stop_early = bool('metric' in events and config.patience and task.best_metric and
                         best.evaluations_since_best(step, task.metric_every_steps)
@@ -822,6 +863,8 @@ def _train(config, workdir: str, on_exit: contextlib.ExitStack) -> TrainState:
     while manager.is_saving_in_progress():  # Polling: a second Ctrl-C quits at once.
       time.sleep(0.02)
     manager.wait_until_finished()
+    if interrupt.abandoned:  # A rerun evaluates `step` before its first step.
+      _set_pending_eval(workdir, step)
     _log(bar, f'Interrupted: saved a checkpoint at step {step} in '
               f'{os.path.join(checkpoint_dir, str(step))}; a rerun resumes from it')
     raise
