@@ -1,7 +1,8 @@
 """Defaults for the encoder-only tasks (classification, tagging), on SST-2 from scratch.
 
 `configs/sst2.py`, `sst2_scratch.py` and `germeval.py` start from `get_config()` here;
-every field has a comment. `--config=configs/encoder.py:tiny` is a seconds-long model.
+every field has a comment. `--config=configs/encoder.py:tiny` trains for seconds (about a
+minute for the whole command).
 """
 import os
 import sys

@@ -1,6 +1,7 @@
 """GermEval 2014 German NER (outer tags, column 2 of the files) from scratch: our encoder,
 a SentencePiece vocabulary trained on the training sentences, entity F1 with seqeval
-(strict IOB2). `:tiny` trains in seconds. Results: docs/benchmarks.md."""
+(strict IOB2). `:tiny` runs in about a minute
+(tokenizer, compilation, seconds of training, evaluation). Results: docs/benchmarks.md."""
 import os
 import sys
 

@@ -1,5 +1,5 @@
 """SST-2 sentiment from scratch: our encoder and a SentencePiece vocabulary trained on
-the SST-2 training sentences. `:tiny` trains in seconds. Results: docs/benchmarks.md."""
+the SST-2 training sentences. `:tiny` runs in about a minute. Results: docs/benchmarks.md."""
 import os
 import sys
 

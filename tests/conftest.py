@@ -92,6 +92,25 @@ def sst2_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope='session')
+def germeval_dir(tmp_path_factory):
+  """train = the first 300 GermEval training sentences, validation = the first 60."""
+  out = tmp_path_factory.mktemp('germeval')
+  sentences, current = [], []
+  with gzip.open(os.path.join(encoder.shared_data('germeval2014'), 'train.conll.gz'), 'rt',
+                 encoding='utf-8') as f:
+    for line in f:
+      current.append(line)
+      if not line.strip():
+        sentences.append(''.join(current))
+        current = []
+        if len(sentences) == 300:
+          break
+  (out / 'train.conll').write_text(''.join(sentences), encoding='utf-8')
+  (out / 'validation.conll').write_text(''.join(sentences[:60]), encoding='utf-8')
+  return str(out)
+
+
+@pytest.fixture(scope='session')
 def source_run(sst2_dir, tmp_path_factory):
   """A tiny classification run of 6 steps (checkpoints and evaluations at 3 and 6): its
   workdir, its config and its final parameters (flat, host)."""

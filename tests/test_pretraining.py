@@ -193,7 +193,8 @@ def _log_line(workdir, prefix):
   return next(line for line in log.splitlines() if prefix in line)
 
 
-def test_cli_masked_lm_then_tagging_loads_the_encoder_and_a_new_head(mono_dir, tmp_path):
+def test_cli_masked_lm_then_tagging_loads_the_encoder_and_a_new_head(mono_dir, germeval_dir,
+                                                                      tmp_path):
   pretrained, tagger = tmp_path / 'mlm', tmp_path / 'ner'
   proc = run_main('--config=configs/pretrain_mlm_de.py:tiny', f'--workdir={pretrained}',
                   f"--config.train_files=('{mono_dir}/de.txt', '{mono_dir}/en.txt')",
@@ -209,7 +210,8 @@ def test_cli_masked_lm_then_tagging_loads_the_encoder_and_a_new_head(mono_dir, t
   assert out[0].startswith('Ein') and out[0].endswith('nach Berlin .')
 
   proc = run_main('--config=configs/germeval_from_mlm.py:tiny', f'--workdir={tagger}',
-                  f'--config.init_from={pretrained}', '--config.test_split=', *FEW_SHAPES)
+                  f'--config.init_from={pretrained}', '--config.test_split=',
+                  f'--config.data_dir={germeval_dir}', *FEW_SHAPES)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'micro avg' in proc.stdout + proc.stderr
   assert (tagger / 'tokenizer' / 'spm.model').read_bytes() == (
@@ -220,7 +222,8 @@ def test_cli_masked_lm_then_tagging_loads_the_encoder_and_a_new_head(mono_dir, t
   # A tokenizer other than the pretrained run's is a one-line error naming both files.
   (tagger / 'tokenizer' / 'spm.model').write_bytes(b'not the same')
   proc = run_main('--config=configs/germeval_from_mlm.py:tiny', f'--workdir={tagger}',
-                  f'--config.init_from={pretrained}', '--config.test_split=', *FEW_SHAPES)
+                  f'--config.init_from={pretrained}', '--config.test_split=',
+                  f'--config.data_dir={germeval_dir}', *FEW_SHAPES)
   assert proc.returncode != 0
   error = proc.stderr.strip().splitlines()[-1]
   assert str(tagger / 'tokenizer' / 'spm.model') in error, error

@@ -1,7 +1,6 @@
 """The encoder-only tasks on the shared trainer: classification (SST-2 rows) and tagging
 (GermEval rows) learn, resume exactly, ignore non-first sub-tokens, and report errors in
 one line; the command line trains, evaluates and predicts with the shipped configs."""
-import gzip
 import pathlib
 import re
 import os
@@ -19,26 +18,6 @@ from transformer_jax import (augment, config_schema, evaluation, losses, multi30
                              readers, sharding, tasks, train)
 from transformer_jax.tasks import tagging
 
-SHARED = encoder_config.shared_data('')
-
-
-@pytest.fixture(scope='module')
-def germeval_dir(tmp_path_factory):
-  """train = the first 300 GermEval training sentences, validation = the first 60."""
-  out = tmp_path_factory.mktemp('germeval')
-  sentences, current = [], []
-  with gzip.open(os.path.join(SHARED, 'germeval2014', 'train.conll.gz'), 'rt',
-                 encoding='utf-8') as f:
-    for line in f:
-      current.append(line)
-      if not line.strip():
-        sentences.append(''.join(current))
-        current = []
-        if len(sentences) == 300:
-          break
-  (out / 'train.conll').write_text(''.join(sentences), encoding='utf-8')
-  (out / 'validation.conll').write_text(''.join(sentences[:60]), encoding='utf-8')
-  return str(out)
 
 
 def _tiny(config_module, data_dir, **overrides):
@@ -305,11 +284,15 @@ def run_main(*args, stdin=None):
     ('configs/germeval.py:tiny', ['Angela Merkel besuchte gestern Paris .', '',
                                   'Der FC Bayern München gewann .', 'Hallo']),
 ])
-def test_cli_trains_reports_and_predicts_in_order(config_file, lines, tmp_path):
+def test_cli_trains_reports_and_predicts_in_order(config_file, lines, tmp_path, sst2_dir,
+                                                  germeval_dir):
+  # The tiny configs on the first few hundred sentences of their data sets (the whole
+  # sets only make it slower: reading, tokenizing and evaluating them).
   workdir = tmp_path / 'wd'
+  data_dir = sst2_dir if config_file.startswith('configs/sst2') else germeval_dir
   proc = run_main(f'--config={config_file}', f'--workdir={workdir}',
-                  '--config.test_split=', '--config.num_train_steps=10',
-                  '--config.eval_every_steps=10')
+                  f'--config.data_dir={data_dir}', '--config.test_split=',
+                  '--config.num_train_steps=10', '--config.eval_every_steps=10')
   assert proc.returncode == 0, proc.stderr[-3000:]
   console = proc.stdout + proc.stderr
   assert 'step 10: train loss' in console and 'precision' in console
@@ -328,7 +311,7 @@ def test_cli_trains_reports_and_predicts_in_order(config_file, lines, tmp_path):
       assert all(t in germeval.LABELS for t in tags)
   # Each line alone gives the same output: predicts_each_line_as_alone, above.
   evaluated = run_main(f'--config={config_file}', f'--workdir={workdir}', '--mode=eval',
-                       '--split=validation')
+                       f'--config.data_dir={data_dir}', '--split=validation')
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
   assert 'validation (best-step10)' in evaluated.stdout
   assert ('accuracy' if 'sst2' in config_file else 'micro avg') in evaluated.stdout
