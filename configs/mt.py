@@ -22,16 +22,24 @@ except ImportError:  # A checkout: configs/ beside transformer_jax/.
 # Environment variable naming the folder with the raw Multi30k files
 # (train.de.gz, val.en.gz, ...); unset: $TRANSFORMER_JAX_SHARED_DATA/multi30k when that
 # variable is set (the folder of every shared data set, configs/encoder.py); else
-# empty: download them (needs internet).
+# ../shared/data/multi30k beside the checkout when it exists (as the encoder configs);
+# else empty: download them (needs internet).
 DATA_DIR_ENV = 'TRANSFORMER_JAX_DATA_DIR'
+# The shared data folder beside the checkout (or the installed package's parent folder).
+BESIDE_CHECKOUT = os.path.normpath(os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '..', 'shared', 'data'))
 
 
 def default_data_dir() -> str:
-  """$TRANSFORMER_JAX_DATA_DIR, else $TRANSFORMER_JAX_SHARED_DATA/multi30k, else ''."""
+  """$TRANSFORMER_JAX_DATA_DIR, else $TRANSFORMER_JAX_SHARED_DATA/multi30k, else
+  BESIDE_CHECKOUT/multi30k if that folder exists, else '' (download)."""
   if os.environ.get(DATA_DIR_ENV):
     return os.environ[DATA_DIR_ENV]
   shared = os.environ.get(SHARED_DATA_ENV)
-  return os.path.join(shared, 'multi30k') if shared else ''
+  if shared:
+    return os.path.join(shared, 'multi30k')
+  beside = os.path.join(BESIDE_CHECKOUT, 'multi30k')
+  return beside if os.path.isdir(beside) else ''
 
 
 def get_config(variant: str = '') -> ml_collections.ConfigDict:

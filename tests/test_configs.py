@@ -77,10 +77,13 @@ def test_load_config_takes_a_variant_and_finds_the_shipped_files_from_any_folder
     config_schema.load_config('configs/nope.py')
 
 
-def test_translation_data_dir_falls_back_to_the_shared_data_folder(monkeypatch):
+def test_translation_data_dir_falls_back_to_the_shared_data_folder(monkeypatch, tmp_path):
   monkeypatch.delenv(mt.DATA_DIR_ENV, raising=False)
   monkeypatch.delenv(mt.SHARED_DATA_ENV, raising=False)
+  monkeypatch.setattr(mt, 'BESIDE_CHECKOUT', str(tmp_path))
   assert mt.get_config().data_dir == ''  # Download.
+  (tmp_path / 'multi30k').mkdir()  # ../shared/data/multi30k beside the checkout.
+  assert mt.get_config().data_dir == str(tmp_path / 'multi30k')
   monkeypatch.setenv(mt.SHARED_DATA_ENV, '/data/shared')
   assert mt.get_config().data_dir == '/data/shared/multi30k'
   monkeypatch.setenv(mt.DATA_DIR_ENV, '/data/m30k')
