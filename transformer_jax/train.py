@@ -787,10 +787,12 @@ def _train(config, workdir: str, on_exit: contextlib.ExitStack) -> TrainState:
   def evaluate(step: int, events: set[str]) -> None:
     """The task's evaluation of `state` (step `step`): the best checkpoint, the eval line."""
     interrupt.abandonable = True  # A first Ctrl-C abandons the evaluation.
+    bar.set_description('eval')  # The bar shows that an evaluation is running.
     try:
       result, report = task.evaluate(view(state.eval_params), step, 'last' in events)
     finally:
       interrupt.abandonable = False
+      bar.set_description('train')
     improved = task.best_metric in result and best.update(state, result[task.best_metric])
     for name, value in result.items():
       writer.scalar(f'eval/{name}', value, step)
