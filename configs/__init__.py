@@ -1,8 +1,18 @@
 """Shared pieces of the config files (configs/*.py are the configs themselves)."""
+import os
 
 # Environment variable naming the folder of the shared data sets (sst2/, germeval2014/,
 # multi30k/): configs/encoder.py and configs/mt.py read it.
 SHARED_DATA_ENV = 'TRANSFORMER_JAX_SHARED_DATA'
+# The shared data folder beside the checkout (or the installed package's parent folder).
+BESIDE_CHECKOUT = os.path.normpath(os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '..', 'shared', 'data'))
+
+
+def shared_data_root() -> str:
+  """The folder of the shared data sets: $TRANSFORMER_JAX_SHARED_DATA, else
+  BESIDE_CHECKOUT (which may not exist)."""
+  return os.environ.get(SHARED_DATA_ENV) or BESIDE_CHECKOUT
 
 
 def add_peft_fields(c) -> None:

@@ -11,23 +11,18 @@ import ml_collections
 
 try:  # An installed toolkit: this folder is the package transformer_jax.configs.
   from transformer_jax.configs import (  # pylint: disable=g-import-not-at-top
-      SHARED_DATA_ENV, add_parallelism_fields, add_peft_fields, add_regularizer_fields,
-      add_tracking_fields)
+      add_parallelism_fields, add_peft_fields, add_regularizer_fields,
+      add_tracking_fields, shared_data_root)
 except ImportError:  # A checkout: configs/ beside transformer_jax/.
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from configs import (  # pylint: disable=g-import-not-at-top
-      SHARED_DATA_ENV, add_parallelism_fields, add_peft_fields, add_regularizer_fields,
-      add_tracking_fields)
-
-# $SHARED_DATA_ENV: the folder holding the shared data sets; by default ../shared/data
-# beside the checkout.
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+      add_parallelism_fields, add_peft_fields, add_regularizer_fields,
+      add_tracking_fields, shared_data_root)
 
 
 def shared_data(name: str) -> str:
   """$TRANSFORMER_JAX_SHARED_DATA/name, else <repo>/../shared/data/name."""
-  root = os.environ.get(SHARED_DATA_ENV) or os.path.join(REPO, '..', 'shared', 'data')
-  return os.path.normpath(os.path.join(root, name))
+  return os.path.normpath(os.path.join(shared_data_root(), name))
 
 
 def get_config(variant: str = '') -> ml_collections.ConfigDict:

@@ -12,12 +12,12 @@ import ml_collections
 try:  # An installed toolkit: this folder is the package transformer_jax.configs.
   from transformer_jax.configs import (  # pylint: disable=g-import-not-at-top
       SHARED_DATA_ENV, add_parallelism_fields, add_peft_fields, add_regularizer_fields,
-      add_tracking_fields)
+      add_tracking_fields, shared_data_root)
 except ImportError:  # A checkout: configs/ beside transformer_jax/.
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from configs import (  # pylint: disable=g-import-not-at-top
       SHARED_DATA_ENV, add_parallelism_fields, add_peft_fields, add_regularizer_fields,
-      add_tracking_fields)
+      add_tracking_fields, shared_data_root)
 
 # Environment variable naming the folder with the raw Multi30k files
 # (train.de.gz, val.en.gz, ...); unset: $TRANSFORMER_JAX_SHARED_DATA/multi30k when that
@@ -25,21 +25,15 @@ except ImportError:  # A checkout: configs/ beside transformer_jax/.
 # ../shared/data/multi30k beside the checkout when it exists (as the encoder configs);
 # else empty: download them (needs internet).
 DATA_DIR_ENV = 'TRANSFORMER_JAX_DATA_DIR'
-# The shared data folder beside the checkout (or the installed package's parent folder).
-BESIDE_CHECKOUT = os.path.normpath(os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '..', 'shared', 'data'))
 
 
 def default_data_dir() -> str:
   """$TRANSFORMER_JAX_DATA_DIR, else $TRANSFORMER_JAX_SHARED_DATA/multi30k, else
-  BESIDE_CHECKOUT/multi30k if that folder exists, else '' (download)."""
+  ../shared/data/multi30k beside the checkout if that folder exists, else '' (download)."""
   if os.environ.get(DATA_DIR_ENV):
     return os.environ[DATA_DIR_ENV]
-  shared = os.environ.get(SHARED_DATA_ENV)
-  if shared:
-    return os.path.join(shared, 'multi30k')
-  beside = os.path.join(BESIDE_CHECKOUT, 'multi30k')
-  return beside if os.path.isdir(beside) else ''
+  path = os.path.join(shared_data_root(), 'multi30k')
+  return path if os.environ.get(SHARED_DATA_ENV) or os.path.isdir(path) else ''
 
 
 def get_config(variant: str = '') -> ml_collections.ConfigDict:

@@ -2,6 +2,7 @@
 import glob
 import importlib.util
 import os
+import sys
 
 import ml_collections
 import pytest
@@ -80,7 +81,9 @@ def test_load_config_takes_a_variant_and_finds_the_shipped_files_from_any_folder
 def test_translation_data_dir_falls_back_to_the_shared_data_folder(monkeypatch, tmp_path):
   monkeypatch.delenv(mt.DATA_DIR_ENV, raising=False)
   monkeypatch.delenv(mt.SHARED_DATA_ENV, raising=False)
-  monkeypatch.setattr(mt, 'BESIDE_CHECKOUT', str(tmp_path))
+  # The configs package that mt.py imported (configs, or transformer_jax.configs).
+  monkeypatch.setattr(sys.modules[mt.shared_data_root.__module__], 'BESIDE_CHECKOUT',
+                      str(tmp_path))
   assert mt.get_config().data_dir == ''  # Download.
   (tmp_path / 'multi30k').mkdir()  # ../shared/data/multi30k beside the checkout.
   assert mt.get_config().data_dir == str(tmp_path / 'multi30k')
