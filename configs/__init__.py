@@ -24,6 +24,13 @@ def add_peft_fields(c) -> None:
   # Base parameters trained in full beside the adapter (regexes over
   # '/'-joined names); the classification and tagging heads are new, so trained.
   c.peft_modules_to_save = (r'head/.*',)
+  # Rows of the token table trained in full beside any method (transformer_jax/peft/
+  # token_rows.py): these ids, plus every piece that occurs in the text files
+  # peft_token_rows_from (a new language) and in none of peft_token_rows_except (the
+  # text the base was trained on).
+  c.peft_token_rows = ()
+  c.peft_token_rows_from = ()
+  c.peft_token_rows_except = ()
   c.lora_rank = 8             # LoRA rank r (Hu et al. 2021).
   c.lora_alpha = 16.0         # The update is scaled by lora_alpha / lora_rank.
   c.lora_dropout = 0.0        # Dropout on the LoRA branch's input.

@@ -16,7 +16,7 @@ from tests.conftest import tiny_config
 from tests.test_tasks import classification_config
 from transformer_jax import checkpoints, config_schema, evaluation, init_from, models, peft
 from transformer_jax import tokenizer, train
-from transformer_jax.peft import core
+from transformer_jax.peft import core, token_rows
 
 SETTINGS = {'peft_method': '', 'peft_modules_to_save': (), 'lora_rank': 4, 'lora_alpha': 6.0,
             'lora_dropout': 0.0,
@@ -33,10 +33,13 @@ INPUTS = jnp.array([[5, 6, 7, 8, 1, 0], [9, 10, 1, 0, 0, 0]], jnp.int32)  # EOS 
 TARGETS = jnp.array([[11, 12, 13, 1, 0], [14, 1, 0, 0, 0]], jnp.int32)
 
 
-def _adapter(model, init, name, **settings):
-  """A bound peft.Adapter of method `name` on `model` (whose params `init()` gives)."""
+def _adapter(model, init, name, rows=(), **settings):
+  """A bound peft.Adapter of method `name` on `model` (whose params `init()` gives),
+  with token-table `rows` trained in full."""
   adapter = peft.Adapter({**SETTINGS, 'peft_method': name, **settings})
-  adapter.method = peft.METHODS[name](adapter.settings, core.discover_sites(init))
+  sites = core.discover_sites(init)
+  adapter.method = peft.METHODS[name](adapter.settings, sites)
+  adapter.rows, adapter.tables = list(rows), token_rows.tables(sites) if rows else []
   adapter.frozen = init()
   return adapter
 
@@ -89,14 +92,16 @@ def test_sites_and_sizes_follow_the_papers(transformer):
   assert sizes['ia3'] == (2 * attentions + 4, 2 * attentions * h * k + 4 * f)
 
 
-@pytest.mark.parametrize('name, targets', [
-    ('lora', ('query', 'key', 'value', 'out', 'wi', 'wo')), ('ia3', ()),
-    ('lora', ('embed', 'query', 'wo'))])
-def test_merged_parameters_compute_what_base_plus_adapter_computes(transformer, name, targets):
+@pytest.mark.parametrize('name, targets, rows', [
+    ('lora', ('query', 'key', 'value', 'out', 'wi', 'wo'), ()), ('ia3', (), ()),
+    ('lora', ('embed', 'query', 'wo'), ()), ('lora', ('embed', 'query'), (3, 7, 11)),
+    ('ia3', (), (7, 39))])
+def test_merged_parameters_compute_what_base_plus_adapter_computes(transformer, name, targets,
+                                                                   rows):
   model, init = transformer
   # lora_alpha 6 != lora_rank 4: the scale counts. 'embed': the shared token table, read
-  # by the encoder, the decoder and the output logits (attend).
-  adapter = _adapter(model, init, name, lora_targets=targets)
+  # by the encoder, the decoder and the output logits (attend); the token rows too.
+  adapter = _adapter(model, init, name, rows, lora_targets=targets)
   trained = {'peft': _random_like(adapter.init(jax.random.PRNGKey(1), adapter.frozen)['peft'], 3),
              'base': {}}
   unmerged = adapter.wrap(model).apply({'params': adapter.view(trained)}, INPUTS, TARGETS)
@@ -156,6 +161,55 @@ def test_lora_on_the_embedding_table_starts_at_identity_and_gives_each_token_a_r
   np.testing.assert_allclose(np.asarray(got, np.float64)[0], want, atol=1e-5, rtol=0)
 
 
+def test_token_rows_start_at_the_base_and_move_only_their_rows_everywhere_the_table_is_read():
+  model = models.Transformer(CFG)
+  init = lambda: model.init(jax.random.PRNGKey(0), INPUTS, TARGETS)['params']
+  adapter = _adapter(model, init, 'adapter', rows=(7, 12))
+  assert [s.name for s in adapter.tables] == ['source_embedder/embed']
+  trainable = adapter.init(jax.random.PRNGKey(1), adapter.frozen)
+  assert trainable['peft']['source_embedder']['embed']['token_rows'].shape == (2, 16)
+  assert 'encoder' in trainable['peft']  # The adapters' own tree beside it.
+  base_logits = model.apply({'params': adapter.frozen}, INPUTS, TARGETS)
+  np.testing.assert_array_equal(
+      adapter.wrap(model).apply({'params': adapter.view(trainable)}, INPUTS, TARGETS),
+      base_logits)  # delta = 0.
+  # Against a float64 table whose rows 7 and 12 moved by delta: the lookup of tokens 7
+  # and 8, and the tied output logits (`attend`) of two hidden vectors.
+  delta = np.arange(32, dtype=np.float32).reshape(2, 16) / 10
+  trained = jax.tree.map(lambda x: x, trainable)
+  trained['peft']['source_embedder']['embed']['token_rows'] = jnp.asarray(delta)
+  table = np.asarray(adapter.frozen['source_embedder']['embed']['embedding'], np.float64)
+  moved = table.copy()
+  moved[[7, 12]] += delta
+  wrapped = adapter.wrap(model)
+  lookup = wrapped.apply({'params': adapter.view(trained)}, jnp.array([[7, 8]]),
+                         method=lambda m, t: m.source_embedder.embed(t))
+  np.testing.assert_allclose(np.asarray(lookup, np.float64)[0], moved[[7, 8]], atol=1e-6)
+  hidden = np.random.default_rng(0).normal(size=(2, 16)).astype(np.float32)
+  logits = wrapped.apply({'params': adapter.view(trained)}, jnp.asarray(hidden),
+                         method=lambda m, x: m.source_embedder.embed.attend(x))
+  np.testing.assert_allclose(np.asarray(logits, np.float64), hidden.astype(np.float64) @ moved.T,
+                             atol=1e-5)
+
+
+def test_token_rows_come_from_the_new_language_text_and_missing_files_are_named(tmp_path):
+  import gzip  # pylint: disable=import-outside-toplevel
+  new = tmp_path / 'new.gz'
+  with gzip.open(new, 'wt', encoding='utf-8') as f:
+    f.write('abc\nbd\n')
+  (tmp_path / 'known.txt').write_text('a\nxyz\n')
+  encode = lambda lines: [[ord(c) - ord('a') for c in line] for line in lines]
+  # Pieces in the new text (a b c d: 0 1 2 3) and not in the known (a x y z: 0 23 24 25),
+  # plus the explicit ids.
+  assert token_rows.resolve((30, 2), [str(new)], [str(tmp_path / 'known.txt')],
+                            encode) == [1, 2, 3, 30]
+  with pytest.raises(FileNotFoundError, match=r'config.peft_token_rows_except: .*nope.txt'):
+    token_rows.resolve((), [str(new)], [str(tmp_path / 'nope.txt')], encode)
+  with pytest.raises(ValueError, match=r'config.peft_token_rows: ids \[40\] are outside'):
+    token_rows.check([3, 40], token_rows.tables(core.discover_sites(
+        lambda: models.Transformer(CFG).init(jax.random.PRNGKey(0), INPUTS, TARGETS))))
+
+
 @pytest.mark.parametrize('name', ('adapter', 'prefix', 'prompt'))
 def test_methods_that_add_computation_refuse_to_merge(transformer, name):
   model, init = transformer
@@ -213,6 +267,13 @@ def test_config_errors_name_the_field(small_text_dir):
   config = tiny_config(small_text_dir, peft_method='loar')
   with pytest.raises(config_schema.ConfigError, match=r'config.peft_method'):
     config_schema.validate(config)
+  config = tiny_config(small_text_dir, peft_token_rows=(4, 5))
+  with pytest.raises(config_schema.ConfigError, match=r'config.peft_token_rows: token rows '
+                     'train beside a PEFT method'):
+    config_schema.validate(config)
+  config = tiny_config(small_text_dir, peft_method='lora', init_from='x', peft_token_rows=(-1,))
+  with pytest.raises(config_schema.ConfigError, match=r'config.peft_token_rows'):
+    config_schema.validate(config)
 
 
 # --- Training ---------------------------------------------------------------------------
@@ -243,11 +304,16 @@ def _train_losses(workdir):
             if 'train step ' in line and ': loss ' in line]
 
 
-@pytest.mark.parametrize('name', METHODS)
+@pytest.mark.parametrize('name', METHODS + ('adapter+rows',))
 def test_training_matrix(base_run, small_text_dir, tmp_path, name):
   base_workdir, base_params = base_run
   workdir = str(tmp_path / name)
-  config = _peft_config(small_text_dir, base_workdir, name)
+  name, _, rows = name.partition('+')
+  # +rows: the token rows of the pieces in train.de and not in val.de train in full too.
+  text = lambda split: os.path.join(small_text_dir, f'{split}.de')
+  config = _peft_config(small_text_dir, base_workdir, name, **(
+      {'peft_token_rows_from': (text('train'),), 'peft_token_rows_except': (text('val'),)}
+      if rows else {}))
   seen = {}
   original_create_state = train.create_state
 
@@ -297,6 +363,12 @@ def test_training_matrix(base_run, small_text_dir, tmp_path, name):
     record = json.load(f)
   assert record['settings']['peft_method'] == name and record['base'] == base_workdir
   assert record['base_fingerprint'] == peft.fingerprint(adapter.frozen)
+  if rows:  # Recorded, and the pieces of the one file that the other lacks.
+    pieces = lambda split: {i for ids in seen['task'].sp.encode(
+        open(text(split), encoding='utf-8').read().splitlines()) for i in ids}
+    want = sorted(pieces('train') - pieces('val'))
+    assert len(want) > 10 and record['settings'][peft.ROW_IDS] == want
+    assert final['peft']['source_embedder']['embed']['token_rows'].shape == (len(want), 32)
 
   # Eval from the adapter's workdir (the base reloaded from the record) equals eval
   # inside the training process.

@@ -106,6 +106,7 @@ _regexes = (lambda v: not _regex_problem(v),
             lambda v: f'must be valid regexes: {_regex_problem(v)}')
 _rules = (lambda v: not _rules_problem(v),
           lambda v: f'must be (logical axis, mesh axes) pairs: {_rules_problem(v)}')
+_file_names = (lambda v: all(isinstance(x, str) and x for x in v), 'must be file paths')
 
 # field -> (type(s), (predicate, what the predicate requires: a message, or a function of
 # the value giving one)). Fields every task has:
@@ -173,6 +174,10 @@ SCHEMA: dict[str, tuple[Any, tuple[Callable[[Any], bool], str | Callable[[Any], 
     # Parameter-efficient fine-tuning (transformer_jax/peft/), beside a frozen init_from.
     'peft_method': (str, _one_of('', 'lora', 'adapter', 'prefix', 'prompt', 'ia3')),
     'peft_modules_to_save': ((tuple, list), _regexes),
+    'peft_token_rows': ((tuple, list), (lambda v: all(isinstance(i, int) and i >= 0 for i in v),
+                                        'must be token ids (integers >= 0)')),
+    'peft_token_rows_from': ((tuple, list), _file_names),
+    'peft_token_rows_except': ((tuple, list), _file_names),
     'lora_rank': (int, _positive),
     'lora_alpha': (float, _positive),
     'lora_dropout': (float, _probability),
@@ -370,6 +375,10 @@ def validate(config) -> None:
   if config.peft_method and not config.init_from:
     raise ConfigError(f'config.peft_method={config.peft_method!r}: needs config.init_from, the '
                       'base model the adapter is trained on (a workdir, a checkpoint or hf:)')
+  rows = [n for n in ('peft_token_rows', 'peft_token_rows_from') if config.get(n)]
+  if rows and not config.peft_method:
+    raise ConfigError(f'config.{rows[0]}: token rows train beside a PEFT method; set '
+                      'config.peft_method, or leave it empty (full fine-tuning trains every row)')
   if config.peft_method == 'prompt' and config.get('pack_examples'):
     raise ConfigError("config.peft_method='prompt': one prompt per row would join the pairs "
                       'packed into it; set config.pack_examples=False')
@@ -481,7 +490,7 @@ RESUME_FIXED_FIELDS = (
     'param_dtype',
     # Its initialization (read once, at the first start), and the adapter trained on it.
     'init_from', 'init_rules', 'init_strict', 'peft_method', 'peft_modules_to_save',
-    'lora_rank', 'lora_alpha', 'lora_dropout', 'lora_targets', 'adapter_size',
+    'peft_token_rows', 'peft_token_rows_from', 'peft_token_rows_except', 'lora_rank', 'lora_alpha', 'lora_dropout', 'lora_targets', 'adapter_size',
     'prefix_length', 'prefix_mlp_hidden', 'prompt_length',
     # The optimizer (its state in the checkpoint) and its schedule.
     'optimizer', 'learning_rate', 'warmup_steps', 'schedule', 'adam_b1', 'adam_b2',

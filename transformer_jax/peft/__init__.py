@@ -43,6 +43,7 @@ from transformer_jax.peft import ia3
 from transformer_jax.peft import lora
 from transformer_jax.peft import prefix
 from transformer_jax.peft import prompt
+from transformer_jax.peft import token_rows
 from transformer_jax.peft.core import Params, Site  # pylint: disable=unused-import
 
 METHODS = {m.name: m for m in (lora.LoRA, adapter_lib.BottleneckAdapter,
@@ -81,12 +82,20 @@ def tokenizer_hash(workdir: str) -> str:
 
 
 def settings_from_config(config) -> dict:
-  """adapter_config.json's method part: {'peft_method', its FIELDS, and
-  'peft_modules_to_save'} from a run config."""
+  """adapter_config.json's method part: {'peft_method', its FIELDS,
+  'peft_modules_to_save' and the token rows' fields} from a run config."""
   method = METHODS[config.peft_method]
   return {'peft_method': config.peft_method,
           **{name: _jsonable(config[name]) for name in method.FIELDS},
-          'peft_modules_to_save': _jsonable(config.peft_modules_to_save)}
+          **{name: _jsonable(config.get(name, ())) for name in TOKEN_ROW_FIELDS}}
+
+
+# The fields of every method: base parameters and token-table rows trained in full.
+TOKEN_ROW_FIELDS = ('peft_modules_to_save', 'peft_token_rows', 'peft_token_rows_from',
+                    'peft_token_rows_except')
+# adapter_config.json's list of the rows (`token_rows.resolve`), written once they are
+# resolved: eval and predict read it and no text file.
+ROW_IDS = 'peft_token_row_ids'
 
 
 def _jsonable(value):
@@ -114,9 +123,12 @@ class PeftModel:
       return self.model.apply(variables, *args, rngs=rngs, **kwargs)
     base = core.overlay(params.base, params.trainable['base'])
     training = bool(rngs) and 'dropout' in rngs
-    with nn.intercept_methods(self.adapter.method.intercept(params.trainable['peft'],
-                                                            training)):
-      return self.model.apply({**variables, 'params': base}, *args, rngs=rngs, **kwargs)
+    tree, adapter = params.trainable['peft'], self.adapter
+    with nn.intercept_methods(adapter.method.intercept(tree, training)):
+      if not adapter.rows:
+        return self.model.apply({**variables, 'params': base}, *args, rngs=rngs, **kwargs)
+      with nn.intercept_methods(token_rows.intercept(tree, adapter.rows, adapter.tables)):
+        return self.model.apply({**variables, 'params': base}, *args, rngs=rngs, **kwargs)
 
 
 class Adapter:
@@ -130,12 +142,16 @@ class Adapter:
   Attributes:
     settings: the method's settings (`settings_from_config`).
     method: the `core.Method` (after `bind`).
+    rows: token ids whose rows of every token table train in full (`token_rows`; after
+      `bind`), sorted; tables: those tables' sites.
     frozen: the base parameters (set by `train.create_state`).
   """
 
   def __init__(self, settings: dict):
     self.settings = settings
     self.method: core.Method | None = None
+    self.rows: list[int] = []
+    self.tables: list[Site] = []
     self.frozen = None
     self._save = [re.compile(r) for r in settings['peft_modules_to_save']]
 
@@ -153,16 +169,33 @@ class Adapter:
     return PeftModel(model, self)
 
   def bind(self, task) -> None:
-    """Finds the sites of `task.model` (an abstract init) and builds the method.
+    """Finds the sites of `task.model` (an abstract init), builds the method and
+    resolves the token rows (`token_rows.resolve`, with the task's tokenizer; recorded
+    in settings[ROW_IDS]).
 
     Raises:
-      AdapterError: no module of the model is one the method changes.
+      AdapterError: no module of the model is one the method changes; a token row
+        outside the table, or rows asked of a model without a token table.
+      FileNotFoundError: a file of peft_token_rows_from/except is missing.
     """
     sites = core.discover_sites(lambda: task.init_params(jax.random.PRNGKey(0)))
     try:
       self.method = METHODS[self.settings['peft_method']](self.settings, sites)
     except ValueError as e:
       raise AdapterError(str(e)) from None
+    if ROW_IDS not in self.settings:
+      self.settings[ROW_IDS] = token_rows.resolve(
+          self.settings.get('peft_token_rows', ()), self.settings.get('peft_token_rows_from', ()),
+          self.settings.get('peft_token_rows_except', ()), lambda lines: _encode(task, lines))
+    self.rows = list(self.settings[ROW_IDS])
+    if self.rows:
+      self.tables = token_rows.tables(sites)
+      if not self.tables:
+        raise AdapterError('config.peft_token_rows: the model has no token table')
+      try:
+        token_rows.check(self.rows, self.tables)
+      except ValueError as e:
+        raise AdapterError(str(e)) from None
 
   def init(self, rng: jax.Array, base: Any) -> dict:
     """The trainable tree at step 0: the method's fresh parameters and copies of the
@@ -170,8 +203,10 @@ class Adapter:
     flat = traverse_util.flatten_dict(flax.core.unfreeze(base), sep='/')
     saved = {name: value for name, value in flat.items()
              if any(r.fullmatch(name) for r in self._save)}
-    return {'peft': self.method.init(rng, base),
-            'base': traverse_util.unflatten_dict(saved, sep='/')}
+    tree = self.method.init(rng, base)
+    if self.rows:
+      token_rows.init(tree, self.rows, self.tables)
+    return {'peft': tree, 'base': traverse_util.unflatten_dict(saved, sep='/')}
 
   def view(self, trainable: Any) -> Params:
     """What the task's functions take: `Params(frozen, trainable)`."""
@@ -184,9 +219,11 @@ class Adapter:
     n, total = count(trainable), count(self.frozen)
     saved = sorted(traverse_util.flatten_dict(trainable['base'], sep='/'))
     sites = len(self.method.sites)
+    rows = (f"; {len(self.rows):,} rows of {', '.join(s.name for s in self.tables)} "
+            'trained in full') if self.rows else ''
     return (f"{self.method.name} on {sites} site{'s' if sites != 1 else ''}: {n:,} trainable "
             f"parameters ({100 * n / max(total, 1):.2f}% of the base's {total:,})"
-            + (f"; trained in full: {', '.join(saved)}" if saved else ''))
+            + (f"; trained in full: {', '.join(saved)}" if saved else '') + rows)
 
   def merged(self, trainable: Any) -> Any:
     """The base parameters with the method folded in and the `modules_to_save` put in:
@@ -199,6 +236,8 @@ class Adapter:
       merged = self.method.merge(flax.core.unfreeze(self.frozen), trainable['peft'])
     except ValueError as e:
       raise AdapterError(str(e)) from None
+    if self.rows:
+      merged = token_rows.merge(merged, trainable['peft'], self.rows, self.tables)
     return core.overlay(merged, trainable['base'])
 
   # --- adapter_config.json -----------------------------------------------------------
@@ -238,6 +277,14 @@ class Adapter:
     if record['tokenizer_hash'] and tok != record['tokenizer_hash']:
       raise AdapterError(f"{workdir}/tokenizer: hash {tok}, but the adapter was trained with "
                          f"{record['tokenizer_hash']}")
+
+
+def _encode(task, lines: list[str]) -> list:
+  """Token ids of each line with the task's tokenizer (a SentencePiece processor `sp`,
+  or an encoder task's `tokenizer`)."""
+  if getattr(task, 'sp', None) is not None:
+    return task.sp.encode(lines)
+  return task.tokenizer.encode(lines, 1 << 30)
 
 
 def batch_stats(stats: dict) -> dict:
