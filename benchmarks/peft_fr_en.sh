@@ -14,7 +14,7 @@
 # run where it stopped (a finished run is not repeated).
 #
 #   METHODS="scratch full lora adapter prefix" bash benchmarks/peft_fr_en.sh
-#   (lora_r32, lora_lr3e3, lora_rows, adapter_rows: other runs, for METHODS)
+#   (lora_r32, lora_lr3e3, lora_rows, adapter_rows, prefix_rows: other runs, for METHODS)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -69,6 +69,10 @@ args() {  # method -> its overrides
     # The same rows beside bottleneck adapters of width 32: 9.1% trainable.
     adapter_rows) echo --config.init_from="$RUNS/base" --config.peft_method=adapter \
                        --config.adapter_size=32 $ROWS --config.num_train_steps=1250 ;;
+    # The same rows beside prefix tuning (16 positions, at the prefix run's rate): 6.8%.
+    prefix_rows) echo --config.init_from="$RUNS/base" --config.peft_method=prefix \
+                      --config.prefix_length=16 --config.learning_rate=3e-3 $ROWS \
+                      --config.num_train_steps=1250 ;;
     adapter) echo --config.init_from="$RUNS/base" --config.peft_method=adapter \
                   --config.adapter_size=64 --config.num_train_steps=1250 ;;
     prefix) echo --config.init_from="$RUNS/base" --config.peft_method=prefix \
