@@ -87,11 +87,11 @@ def settings_from_config(config) -> dict:
   method = METHODS[config.peft_method]
   return {'peft_method': config.peft_method,
           **{name: _jsonable(config[name]) for name in method.FIELDS},
-          **{name: _jsonable(config.get(name, ())) for name in TOKEN_ROW_FIELDS}}
+          **{name: _jsonable(config.get(name, ())) for name in COMMON_FIELDS}}
 
 
 # The fields of every method: base parameters and token-table rows trained in full.
-TOKEN_ROW_FIELDS = ('peft_modules_to_save', 'peft_token_rows', 'peft_token_rows_from',
+COMMON_FIELDS = ('peft_modules_to_save', 'peft_token_rows', 'peft_token_rows_from',
                     'peft_token_rows_except')
 # adapter_config.json's list of the rows (`token_rows.resolve`), written once they are
 # resolved: eval and predict read it and no text file.

@@ -125,8 +125,3 @@ def merge(base: core.Tree, tree: core.Tree, rows: list[int], sites: list[core.Si
         delta.astype(layer['embedding'].dtype))
   return base
 
-
-def count(rows: list[int], sites: list[core.Site]) -> int:
-  """Trainable parameters of the rows: k x D per table."""
-  return sum(len(rows) * s.out_shape[0] for s in sites)
-
