@@ -203,6 +203,9 @@ def test_token_rows_come_from_the_new_language_text_and_missing_files_are_named(
   # plus the explicit ids.
   assert token_rows.resolve((30, 2), [str(new)], [str(tmp_path / 'known.txt')],
                             encode) == [1, 2, 3, 30]
+  # A special id (UNK) is never taken from the text, only when asked for by id.
+  assert token_rows.resolve((), [str(new)], [str(tmp_path / 'known.txt')], encode,
+                            special=(3,)) == [1, 2]
   with pytest.raises(FileNotFoundError, match=r'config.peft_token_rows_except: .*nope.txt'):
     token_rows.resolve((), [str(new)], [str(tmp_path / 'nope.txt')], encode)
   with pytest.raises(ValueError, match=r'config.peft_token_rows: ids \[40\] are outside'):
@@ -366,7 +369,7 @@ def test_training_matrix(base_run, small_text_dir, tmp_path, name):
   if rows:  # Recorded, and the pieces of the one file that the other lacks.
     pieces = lambda split: {i for ids in seen['task'].sp.encode(
         open(text(split), encoding='utf-8').read().splitlines()) for i in ids}
-    want = sorted(pieces('train') - pieces('val'))
+    want = sorted(pieces('train') - pieces('val') - {tokenizer.UNK_ID})
     assert len(want) > 10 and record['settings'][peft.ROW_IDS] == want
     assert final['peft']['source_embedder']['embed']['token_rows'].shape == (len(want), 32)
 

@@ -186,7 +186,8 @@ class Adapter:
     if ROW_IDS not in self.settings:
       self.settings[ROW_IDS] = token_rows.resolve(
           self.settings.get('peft_token_rows', ()), self.settings.get('peft_token_rows_from', ()),
-          self.settings.get('peft_token_rows_except', ()), lambda lines: _encode(task, lines))
+          self.settings.get('peft_token_rows_except', ()), lambda lines: _encode(task, lines),
+          special=(_unk_id(task),))
     self.rows = list(self.settings[ROW_IDS])
     if self.rows:
       self.tables = token_rows.tables(sites)
@@ -219,8 +220,8 @@ class Adapter:
     n, total = count(trainable), count(self.frozen)
     saved = sorted(traverse_util.flatten_dict(trainable['base'], sep='/'))
     sites = len(self.method.sites)
-    rows = (f"; {len(self.rows):,} rows of {', '.join(s.name for s in self.tables)} "
-            'trained in full') if self.rows else ''
+    rows = (f"; {len(self.rows):,} of the {self.tables[0].in_shape[0]:,} rows of "
+            f"{', '.join(s.name for s in self.tables)} trained in full") if self.rows else ''
     return (f"{self.method.name} on {sites} site{'s' if sites != 1 else ''}: {n:,} trainable "
             f"parameters ({100 * n / max(total, 1):.2f}% of the base's {total:,})"
             + (f"; trained in full: {', '.join(saved)}" if saved else '') + rows)
@@ -277,6 +278,13 @@ class Adapter:
     if record['tokenizer_hash'] and tok != record['tokenizer_hash']:
       raise AdapterError(f"{workdir}/tokenizer: hash {tok}, but the adapter was trained with "
                          f"{record['tokenizer_hash']}")
+
+
+def _unk_id(task) -> int:
+  """The UNK id of the task's tokenizer."""
+  if getattr(task, 'sp', None) is not None:
+    return task.sp.unk_id()
+  return task.tokenizer.unk_id
 
 
 def _encode(task, lines: list[str]) -> list:

@@ -18,7 +18,7 @@ trainable tree holds delta at the table's path: {..., 'embed': {'token_rows': [k
 The rows come from `config.peft_token_rows` (ids) and from text: every piece that occurs
 in the files `config.peft_token_rows_from` (the new language's text) and in none of
 `config.peft_token_rows_except` (the text the base was trained on), with the run's
-tokenizer (`resolve`).
+tokenizer, UNK excluded (`resolve`).
 """
 from __future__ import annotations
 
@@ -47,14 +47,18 @@ def read_lines(path: str, option: str) -> list[str]:
 
 
 def resolve(ids: Iterable[int], from_files: Iterable[str], except_files: Iterable[str],
-            encode: Callable[[list[str]], Iterable[Iterable[int]]]) -> list[int]:
+            encode: Callable[[list[str]], Iterable[Iterable[int]]],
+            special: Iterable[int] = ()) -> list[int]:
   """The sorted row ids: `ids`, plus every id that `encode` gives for a line of
-  `from_files` and for no line of `except_files`.
+  `from_files` and for no line of `except_files`, except the `special` ids (e.g. UNK, which
+  text in a new script produces without being a piece of that language).
 
   Args:
     ids: explicit token ids.
-    from_files, except_files: text files, one sentence per line (plain or .gz).
+    from_files, except_files: text files, one sentence per line (plain or .gz; relative
+      paths count from the current folder).
     encode: lines -> token ids per line (the run's tokenizer).
+    special: ids never taken from the text.
 
   Raises:
     FileNotFoundError: a file is missing (naming the option).
@@ -65,8 +69,8 @@ def resolve(ids: Iterable[int], from_files: Iterable[str], except_files: Iterabl
       for line_ids in encode(read_lines(path, option)):
         found.update(int(i) for i in line_ids)
     return found
-  new = pieces(from_files, 'peft_token_rows_from') - pieces(except_files,
-                                                              'peft_token_rows_except')
+  new = pieces(from_files, 'peft_token_rows_from') - pieces(
+      except_files, 'peft_token_rows_except') - set(special)
   return sorted(set(int(i) for i in ids) | new)
 
 
