@@ -395,6 +395,18 @@ def lora_run(base_run, small_text_dir, tmp_path_factory):
   return workdir, config
 
 
+def test_evaluating_with_other_languages_than_the_training_says_so(lora_run, small_text_dir,
+                                                                  capsys):
+  workdir, _ = lora_run
+  evaluation.load_task(_peft_config(small_text_dir, '', '', source_lang='en', target_lang='de'),
+                       workdir)
+  err = capsys.readouterr().err
+  assert ("config.source_lang='en', the run trained with 'de'; config.target_lang='de', the run "
+          "trained with 'en'") in err
+  evaluation.load_task(_peft_config(small_text_dir, '', ''), workdir)
+  assert 'Note:' not in capsys.readouterr().err
+
+
 def test_a_different_base_is_refused_in_one_line(base_run, lora_run, small_text_dir):
   base_workdir, _ = base_run
   workdir, _ = lora_run

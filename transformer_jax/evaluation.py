@@ -20,11 +20,30 @@ import jax
 import jax.numpy as jnp
 
 from transformer_jax import checkpoints
+from transformer_jax import config_schema
 from transformer_jax import multihost
 from transformer_jax import optim
 from transformer_jax import peft
 from transformer_jax import sharding
 from transformer_jax import tasks
+
+
+LANGUAGE_FIELDS = ('source_lang', 'target_lang')
+
+
+def _note_other_languages(config, workdir: str) -> None:
+  """Says on stderr (and in the log) when `config` reads other languages than the run
+  in `workdir` was trained on (its run_config.json): a translation model scored on another
+  source language is allowed (zero-shot), but mostly a forgotten override."""
+  started = config_schema.load_run_config(workdir) or {}
+  differ = [f'config.{name}={config[name]!r}, the run trained with {started[name]!r}'
+            for name in LANGUAGE_FIELDS
+            if name in config and name in started and config[name] != started[name]]
+  if differ and multihost.is_primary():
+    message = (f"Note: {'; '.join(differ)} ({workdir}/{config_schema.RUN_CONFIG_FILE}); pass "
+               "the training's value to evaluate the model as trained")
+    logging.warning('%s', message)
+    print(message, file=sys.stderr)
 
 
 def load_task(config, workdir: str, checkpoint: str = 'best') -> tuple[tasks.Task, Any, str]:
@@ -44,6 +63,7 @@ def load_task(config, workdir: str, checkpoint: str = 'best') -> tuple[tasks.Tas
     peft.AdapterError: the base or tokenizer differs from the adapter's.
   """
   from transformer_jax import train  # pylint: disable=g-import-not-at-top (cycle)
+  _note_other_languages(config, workdir)
   mesh = sharding.config_mesh(config)
   adapter = peft.Adapter.from_workdir(workdir)
   if adapter is not None and not config.init_from:  # The base the adapter was trained on.
