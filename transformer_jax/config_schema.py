@@ -490,8 +490,9 @@ RESUME_FIXED_FIELDS = (
     'param_dtype',
     # Its initialization (read once, at the first start), and the adapter trained on it.
     'init_from', 'init_rules', 'init_strict', 'peft_method', 'peft_modules_to_save',
-    'peft_token_rows', 'peft_token_rows_from', 'peft_token_rows_except', 'lora_rank', 'lora_alpha', 'lora_dropout', 'lora_targets', 'adapter_size',
-    'prefix_length', 'prefix_mlp_hidden', 'prompt_length',
+    'peft_token_rows', 'peft_token_rows_from', 'peft_token_rows_except', 'lora_rank',
+    'lora_alpha', 'lora_dropout', 'lora_targets', 'adapter_size', 'prefix_length',
+    'prefix_mlp_hidden', 'prompt_length',
     # The optimizer (its state in the checkpoint) and its schedule.
     'optimizer', 'learning_rate', 'warmup_steps', 'schedule', 'adam_b1', 'adam_b2',
     'adam_eps', 'momentum', 'nesterov', 'weight_decay', 'max_grad_norm', 'layer_lr_decay',

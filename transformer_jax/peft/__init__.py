@@ -21,6 +21,7 @@ or IA3 into the base parameters (`--mode=merge`).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -81,6 +82,14 @@ def tokenizer_hash(workdir: str) -> str:
   return digest.hexdigest()[:16]
 
 
+# The fields of every method: base parameters and token-table rows trained in full.
+COMMON_FIELDS = ('peft_modules_to_save', 'peft_token_rows', 'peft_token_rows_from',
+                 'peft_token_rows_except')
+# adapter_config.json's list of the rows (`token_rows.resolve`), written once they are
+# resolved: eval and predict read it and no text file.
+ROW_IDS = 'peft_token_row_ids'
+
+
 def settings_from_config(config) -> dict:
   """adapter_config.json's method part: {'peft_method', its FIELDS,
   'peft_modules_to_save' and the token rows' fields} from a run config."""
@@ -88,14 +97,6 @@ def settings_from_config(config) -> dict:
   return {'peft_method': config.peft_method,
           **{name: _jsonable(config[name]) for name in method.FIELDS},
           **{name: _jsonable(config.get(name, ())) for name in COMMON_FIELDS}}
-
-
-# The fields of every method: base parameters and token-table rows trained in full.
-COMMON_FIELDS = ('peft_modules_to_save', 'peft_token_rows', 'peft_token_rows_from',
-                    'peft_token_rows_except')
-# adapter_config.json's list of the rows (`token_rows.resolve`), written once they are
-# resolved: eval and predict read it and no text file.
-ROW_IDS = 'peft_token_row_ids'
 
 
 def _jsonable(value):
@@ -124,11 +125,10 @@ class PeftModel:
     base = core.overlay(params.base, params.trainable['base'])
     training = bool(rngs) and 'dropout' in rngs
     tree, adapter = params.trainable['peft'], self.adapter
-    with nn.intercept_methods(adapter.method.intercept(tree, training)):
-      if not adapter.rows:
-        return self.model.apply({**variables, 'params': base}, *args, rngs=rngs, **kwargs)
-      with nn.intercept_methods(token_rows.intercept(tree, adapter.rows, adapter.tables)):
-        return self.model.apply({**variables, 'params': base}, *args, rngs=rngs, **kwargs)
+    rows = (nn.intercept_methods(token_rows.intercept(tree, adapter.rows, adapter.tables))
+            if adapter.rows else contextlib.nullcontext())
+    with nn.intercept_methods(adapter.method.intercept(tree, training)), rows:
+      return self.model.apply({**variables, 'params': base}, *args, rngs=rngs, **kwargs)
 
 
 class Adapter:
@@ -184,10 +184,10 @@ class Adapter:
     except ValueError as e:
       raise AdapterError(str(e)) from None
     if ROW_IDS not in self.settings:
+      encode, unk_id = _tokenizer(task)
       self.settings[ROW_IDS] = token_rows.resolve(
           self.settings.get('peft_token_rows', ()), self.settings.get('peft_token_rows_from', ()),
-          self.settings.get('peft_token_rows_except', ()), lambda lines: _encode(task, lines),
-          special=(_unk_id(task),))
+          self.settings.get('peft_token_rows_except', ()), encode, special=(unk_id,))
     self.rows = list(self.settings[ROW_IDS])
     if self.rows:
       self.tables = token_rows.tables(sites)
@@ -280,19 +280,12 @@ class Adapter:
                          f"{record['tokenizer_hash']}")
 
 
-def _unk_id(task) -> int:
-  """The UNK id of the task's tokenizer."""
+def _tokenizer(task) -> tuple:
+  """(lines -> token ids per line, the UNK id) of the task's tokenizer: a SentencePiece
+  processor `sp` (translation), or an encoder task's `tokenizer`."""
   if getattr(task, 'sp', None) is not None:
-    return task.sp.unk_id()
-  return task.tokenizer.unk_id
-
-
-def _encode(task, lines: list[str]) -> list:
-  """Token ids of each line with the task's tokenizer (a SentencePiece processor `sp`,
-  or an encoder task's `tokenizer`)."""
-  if getattr(task, 'sp', None) is not None:
-    return task.sp.encode(lines)
-  return task.tokenizer.encode(lines, 1 << 30)
+    return task.sp.encode, task.sp.unk_id()
+  return lambda lines: task.tokenizer.encode(lines, 1 << 30), task.tokenizer.unk_id
 
 
 def batch_stats(stats: dict) -> dict:

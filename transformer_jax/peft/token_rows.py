@@ -22,28 +22,28 @@ tokenizer, UNK excluded (`resolve`).
 """
 from __future__ import annotations
 
-import gzip
+import os
 from typing import Callable, Iterable
 
 import jax.numpy as jnp
+import numpy as np
 
+from transformer_jax import multi30k
 from transformer_jax.peft import core
 
 LEAF = 'token_rows'
 
 
 def read_lines(path: str, option: str) -> list[str]:
-  """The lines of a text file (plain or .gz), stripped.
+  """The lines of a text file (plain or .gz), stripped (`multi30k._read_lines`).
 
   Raises:
     FileNotFoundError: naming `option` and the file.
+    multi30k.DataError: the file cannot be read (naming its line).
   """
-  try:
-    opener = gzip.open if path.endswith('.gz') else open
-    with opener(path, 'rt', encoding='utf-8') as f:
-      return [line.strip() for line in f]
-  except FileNotFoundError:
-    raise FileNotFoundError(f'config.{option}: {path}: no such file') from None
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'config.{option}: {path}: no such file')
+  return [line for _, line in multi30k._read_lines(path)]  # pylint: disable=protected-access
 
 
 def resolve(ids: Iterable[int], from_files: Iterable[str], except_files: Iterable[str],
@@ -105,6 +105,12 @@ def intercept(tree: core.Tree, rows: list[int], sites: list[core.Site]) -> Calla
   plus x delta^T)."""
   by_path = {s.path: s for s in sites}
   row_ids = jnp.asarray(rows, jnp.int32)
+  # slot[t]: i where t = R[i], else k (a zero row appended to delta); one map per size.
+  slots = {}
+  for site in sites:
+    slot = np.full(site.in_shape[0], len(rows), np.int32)
+    slot[rows] = np.arange(len(rows))
+    slots[site.path] = jnp.asarray(slot)
 
   def interceptor(next_fun, args, kwargs, context):
     out = next_fun(*args, **kwargs)
@@ -113,8 +119,8 @@ def intercept(tree: core.Tree, rows: list[int], sites: list[core.Site]) -> Calla
       return out
     delta = core.get_path(tree, site.path)[LEAF].astype(out.dtype)  # [k, D]
     if context.method_name == '__call__':  # tokens int [...] -> [..., D]
-      table = jnp.zeros((site.in_shape[0], delta.shape[1]), out.dtype).at[row_ids].set(delta)
-      return out + table[args[0]]
+      padded = jnp.concatenate([delta, jnp.zeros((1, delta.shape[1]), out.dtype)])
+      return out + padded[slots[site.path][args[0]]]
     return out.at[..., row_ids].add(args[0].astype(out.dtype) @ delta.T)  # [..., V]
 
   return interceptor
