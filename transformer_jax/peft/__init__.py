@@ -6,6 +6,9 @@
   prompt   soft prompt before the encoder input (Lester et al. 2021)       peft/prompt.py
   ia3      rescaled keys, values and FF activations (Liu et al. 2022)      peft/ia3.py
 
+Beside any method, rows of the token table can train in full (a new language's pieces):
+`config.peft_token_rows*`, peft/token_rows.py.
+
 A PEFT run (`config.peft_method`) starts from a base model (`config.init_from`: a run's
 workdir or checkpoint, or 'hf:' BERT). Its train state holds only the trainable tree:
 {'peft': the method's parameters, 'base': the base parameters named by
