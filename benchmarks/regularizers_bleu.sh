@@ -10,6 +10,8 @@
 # (python benchmarks/regularizers.py gives each method's step-time factor).
 #
 #   METHODS="baseline fgm pgd freelb r_drop noise ema" SEED=0 bash benchmarks/regularizers_bleu.sh
+#
+# fgm_epsE is fgm with adversarial_epsilon=E (e.g. fgm_eps0.1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -27,6 +29,7 @@ args() {  # method -> its overrides
   case $1 in
     baseline) ;;
     fgm) echo --config.adversarial=fgm ;;
+    fgm_eps*) echo --config.adversarial=fgm --config.adversarial_epsilon="${1#fgm_eps}" ;;
     pgd) echo --config.adversarial=pgd --config.adversarial_steps=3 ;;
     freelb) echo --config.adversarial=freelb --config.adversarial_steps=3 ;;
     r_drop) echo --config.r_drop_alpha=2.5 ;;

@@ -215,5 +215,7 @@ def run_merge(config, workdir: str, output: str, checkpoint: str = 'best') -> st
     manager.close()
   path = os.path.join(output, 'checkpoints', str(step))
   if multihost.is_primary():
-    print(f'merged {task.peft.method.name} ({name} of {workdir}) into its base: {path}')
+    rows = (f' and {len(task.peft.rows):,} token rows trained in full' if task.peft.rows
+            else '')
+    print(f'merged {task.peft.method.name}{rows} ({name} of {workdir}) into its base: {path}')
   return path
