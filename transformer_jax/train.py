@@ -867,6 +867,8 @@ def _train(config, workdir: str, on_exit: contextlib.ExitStack) -> TrainState:
     manager.wait_until_finished()
     if interrupt.abandoned:  # A rerun evaluates `step` before its first step.
       _set_pending_eval(workdir, step)
+    if step > bar.n:  # Dispatched steps that finished while the state was awaited.
+      bar.update(step - bar.n)
     _log(bar, f'Interrupted: saved a checkpoint at step {step} in '
               f'{os.path.join(checkpoint_dir, str(step))}; a rerun resumes from it')
     raise
