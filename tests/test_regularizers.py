@@ -402,7 +402,7 @@ def test_resumed_packed_run_with_regularizers_equals_the_uninterrupted_one_and_e
                   jax.tree.leaves((resumed.params, resumed.opt_state, resumed.ema))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   log = (tmp_path / 'full' / 'train.log').read_text()
-  assert ('Regularizers: fgm (epsilon 1); R-Drop (alpha 1); EMA of the parameters (decay '
+  assert ('Regularizers: fgm (epsilon 0.1); R-Drop (alpha 1); EMA of the parameters (decay '
           '0.9, debiased): evaluation, the best checkpoint, the test and eval/predict/export '
           'use the EMA') in log
   assert log.count('Compiling the train step for batch shape') == 1  # Packed: one shape.
@@ -437,7 +437,7 @@ def test_lora_classification_trains_with_fgm_and_evaluates_the_best_ema(source_r
                                  adversarial='fgm', ema_decay=0.9)
   state = train.train_and_evaluate(config, str(tmp_path))
   log = (tmp_path / 'train.log').read_text()
-  assert 'Regularizers: fgm (epsilon 1); EMA of the parameters' in log
+  assert 'Regularizers: fgm (epsilon 0.1); EMA of the parameters' in log
   losses_ = [float(x) for x in re.findall(r'train step \d+: loss (\S+),', log)]
   assert len(losses_) == 2 and all(np.isfinite(losses_)), losses_
   assert jax.tree.structure(state.ema) == jax.tree.structure(state.params)

@@ -443,7 +443,7 @@ def wrap(config, loss_fn: LossFn) -> LossFn:
 
 def describe(config) -> str:
   """One line for train.log naming the regularizers on ('' when none is):
-  'Regularizers: pgd (epsilon 1, 3 steps of 0.3); R-Drop (alpha 5); EMA of the parameters
+  'Regularizers: pgd (epsilon 0.1, 3 steps of 0.05); R-Drop (alpha 5); EMA of the parameters
   (decay 0.999, debiased): evaluation, the best checkpoint, the test and
   eval/predict/export use the EMA'."""
   parts = []
