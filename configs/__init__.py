@@ -98,7 +98,7 @@ def add_regularizer_fields(c) -> None:
   # with 1.0 (docs/benchmarks.md, 2026-12-02).
   c.adversarial_epsilon = 0.1
   c.adversarial_steps = 3         # pgd, freelb: ascent steps K (each a forward + backward).
-  c.adversarial_step_size = 0.05  # pgd, freelb: ascent step alpha (of norm alpha): epsilon / 2.
+  c.adversarial_step_size = 0.05  # pgd, freelb: ascent step alpha (half the default epsilon).
   # R-Drop (Liang et al. 2021): > 0 runs each row twice (two dropout masks) and adds
   # r_drop_alpha x the symmetric KL between the two predictions; 0 = off.
   c.r_drop_alpha = 0.0

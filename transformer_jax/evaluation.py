@@ -162,9 +162,6 @@ def run_predict(config, workdir: str, source: TextIO = sys.stdin,
   per line in, same order. Returns the number of lines."""
   task, params, _ = load_task(config, workdir, checkpoint)
   lines = [line.rstrip('\n') for line in source]
-  if not lines:
-    print(f"Note: {getattr(source, 'name', 'the input')} holds no lines: nothing to predict",
-          file=sys.stderr)
   for output in task.predict(params, lines):
     target.write(output + '\n')
   target.flush()

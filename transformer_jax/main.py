@@ -226,7 +226,9 @@ def main(argv):
       translate.INPUT_NAME = f'--input={FLAGS.input}' if FLAGS.input else 'stdin'
       with contextlib.ExitStack() as files:
         source, target = _text_streams(files, FLAGS.input, FLAGS.output)
-        evaluation.run_predict(config, workdir, source, target, FLAGS.checkpoint)
+        if not evaluation.run_predict(config, workdir, source, target, FLAGS.checkpoint):
+          print(f'Note: {translate.INPUT_NAME} holds no lines: nothing to predict',
+                file=sys.stderr)
   except UnicodeDecodeError as e:  # Input lines are read as UTF-8.
     source = f'--input={FLAGS.input}' if FLAGS.input else 'stdin'
     sys.exit(f'error: {source if FLAGS.mode in ("predict", "translate") else "a file"}: not '
